@@ -1,0 +1,227 @@
+"""The ``mlxllm`` command: a thin Typer layer over the Python API.
+
+Nothing heavy is imported at module level: ``mlxllm --help`` must not pay for MLX, the models or
+transformers. Each command imports what it needs.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    help="Run DeepSeek, Qwen and Llama models locally on MLX.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+MODEL_HELP = "Local folder, alias (see `mlxllm models`) or Hugging Face repo id."
+
+
+def _fail(msg: str, code: int = 1):
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _load(model: str, dtype: Optional[str]):
+    from mlxllm.errors import MlxllmError
+
+    try:
+        import mlx.core as mx
+
+        from mlxllm.loader import load
+
+        dt = None
+        if dtype:
+            if dtype not in ("float32", "float16", "bfloat16"):
+                _fail(f"unknown --dtype {dtype!r}; use float32, float16 or bfloat16")
+            dt = getattr(mx, dtype)
+        return load(model, dtype=dt)
+    except MlxllmError as e:
+        _fail(str(e))
+    except FileNotFoundError as e:
+        _fail(str(e))
+
+
+def _sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed) -> dict:
+    return dict(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+
+
+# Shared option definitions (names match stream_generate's keyword arguments).
+MaxTokens = typer.Option(256, "--max-tokens", "-m", help="Maximum new tokens.")
+Temperature = typer.Option(0.0, "--temperature", "--temp", help="0 = greedy.")
+TopP = typer.Option(1.0, "--top-p", help="Nucleus sampling mass.")
+TopK = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off).")
+MinP = typer.Option(0.0, "--min-p", help="Drop tokens below min-p x top probability.")
+RepPenalty = typer.Option(None, "--repetition-penalty", help="> 1 discourages repeats.")
+Seed = typer.Option(None, "--seed", help="Random seed for sampling.")
+System = typer.Option(None, "--system", "-s", help="System prompt.")
+Dtype = typer.Option(
+    None, "--dtype", help="float32, float16 or bfloat16 (default: bf16 on GPU, fp32 on CPU)."
+)
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text, or - to read stdin."),
+    max_tokens: int = MaxTokens,
+    temperature: float = Temperature,
+    top_p: float = TopP,
+    top_k: int = TopK,
+    min_p: float = MinP,
+    repetition_penalty: Optional[float] = RepPenalty,
+    seed: Optional[int] = Seed,
+    system: Optional[str] = System,
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
+    no_chat_template: bool = typer.Option(
+        False, "--no-chat-template", help="Send the prompt as raw text."
+    ),
+    dtype: Optional[str] = Dtype,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speed and memory."),
+):
+    """Generate text for one prompt and stream it to stdout."""
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    m, tok = _load(model, dtype)
+    from mlxllm.generation.stream import stream_generate
+
+    use_template = not no_chat_template and tok.chat_template is not None
+    if not no_chat_template and tok.chat_template is None and verbose:
+        typer.echo("(no chat template in this model: sending the raw prompt)", err=True)
+    last = None
+    try:
+        for last in stream_generate(
+            m,
+            tok,
+            prompt,
+            max_tokens=max_tokens,
+            system=system,
+            stop=stop,
+            chat_template=use_template,
+            **_sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed),
+        ):
+            sys.stdout.write(last.text)
+            sys.stdout.flush()
+    except ValueError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        raise typer.Exit(130)
+    sys.stdout.write("\n")
+    if verbose and last is not None:
+        typer.echo(
+            f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | "
+            f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
+            f"peak memory: {last.peak_memory_gb:.2f} GB",
+            err=True,
+        )
+
+
+@app.command()
+def chat(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    max_tokens: int = typer.Option(2048, "--max-tokens", "-m", help="Maximum tokens per reply."),
+    temperature: float = Temperature,
+    top_p: float = TopP,
+    top_k: int = TopK,
+    min_p: float = MinP,
+    repetition_penalty: Optional[float] = RepPenalty,
+    seed: Optional[int] = Seed,
+    system: Optional[str] = System,
+    dtype: Optional[str] = Dtype,
+):
+    """Chat in the terminal; the KV cache is kept across turns."""
+    m, tok = _load(model, dtype)
+    if tok.chat_template is None:
+        _fail(f"{model} has no chat template; use `mlxllm generate --no-chat-template` instead")
+    from mlxllm.cli.chat import ChatSession
+
+    session = ChatSession(
+        m,
+        tok,
+        system=system,
+        max_tokens=max_tokens,
+        sampling=_sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed),
+    )
+    session.repl()
+
+
+@app.command()
+def models():
+    """List model aliases and the Hugging Face repos they point to."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mlxllm.registry import aliases
+
+    table = Table("alias", "Hugging Face repo")
+    for alias, repo in aliases().items():
+        table.add_row(alias, repo)
+    Console().print(table)
+
+
+def _version_callback(value: bool):
+    if value:
+        from mlxllm import __version__
+
+        typer.echo(f"mlxllm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Show the version."
+    ),
+):
+    pass
+
+
+OPENBLAS_GLOBS = ("/usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3",)
+
+
+def _openblas_reexec() -> None:
+    """On Linux, restart once with OpenBLAS preloaded when it is installed.
+
+    MLX's CPU wheel bundles a reference BLAS (~1.5 GFLOP/s float32 GEMM on a 2-core x86 box);
+    Debian's OpenBLAS (``apt install libopenblas0-pthread``) gives ~55 GFLOP/s, i.e. much faster
+    prompt processing. Set MLXLLM_NO_OPENBLAS=1 to skip.
+    """
+    if not sys.platform.startswith("linux") or os.environ.get("MLXLLM_NO_OPENBLAS"):
+        return
+    if len(sys.argv) < 2 or sys.argv[1] not in ("generate", "chat"):
+        return
+    preload = os.environ.get("LD_PRELOAD", "")
+    if "openblas" in preload:
+        return
+    libs = [p for g in OPENBLAS_GLOBS for p in glob.glob(g)]
+    if not libs:
+        return
+    env = dict(os.environ, LD_PRELOAD=":".join(filter(None, [libs[0], preload])))
+    env["MLXLLM_NO_OPENBLAS"] = "1"  # never loop
+    os.execve(sys.executable, [sys.executable, "-m", "mlxllm.cli.main", *sys.argv[1:]], env)
+
+
+def main():
+    _openblas_reexec()
+    app(prog_name="mlxllm")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Hugging Face -> MLX conversion (installed as ``mlxllm.convert``); see issue 3."""

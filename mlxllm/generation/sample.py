@@ -1,0 +1,89 @@
+"""Pure sampling functions: ``logits[B, V] -> token ids[B]``, and logits processors.
+
+Nothing here knows about models, caches or text.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import mlx.core as mx
+
+Sampler = Callable[[mx.array], mx.array]
+
+
+def greedy(logits: mx.array) -> mx.array:
+    return mx.argmax(logits, axis=-1)
+
+
+def apply_top_k(logits: mx.array, k: int) -> mx.array:
+    """Keep the ``k`` largest logits, set the rest to -inf."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = mx.sort(logits, axis=-1)[..., -k][..., None]  # k-th largest value
+    return mx.where(logits < kth, -mx.inf, logits)
+
+
+def apply_top_p(logits: mx.array, p: float) -> mx.array:
+    """Nucleus: keep the smallest set of tokens whose probability reaches ``p``."""
+    if p >= 1.0:
+        return logits
+    order = mx.argsort(-logits, axis=-1)
+    sorted_logits = mx.take_along_axis(logits, order, axis=-1)
+    probs = mx.softmax(sorted_logits, axis=-1)
+    # a token stays if the mass before it is still below p (the top token always stays)
+    mass_before = mx.cumsum(probs, axis=-1) - probs
+    sorted_logits = mx.where(mass_before < p, sorted_logits, -mx.inf)
+    inverse = mx.argsort(order, axis=-1)
+    return mx.take_along_axis(sorted_logits, inverse, axis=-1)
+
+
+def apply_min_p(logits: mx.array, min_p: float) -> mx.array:
+    """Drop tokens whose probability is below ``min_p`` times the top token's."""
+    if min_p <= 0.0:
+        return logits
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    cutoff = mx.max(logprobs, axis=-1, keepdims=True) + mx.log(mx.array(min_p, logits.dtype))
+    return mx.where(logprobs < cutoff, -mx.inf, logits)
+
+
+def make_sampler(
+    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
+) -> Sampler:
+    """Build a sampler. ``temperature == 0`` is greedy (the other settings then do nothing)."""
+    if temperature < 0:
+        raise ValueError("temperature must be >= 0")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError("top_p must be in (0, 1]")
+    if temperature == 0:
+        return greedy
+
+    def sample(logits: mx.array) -> mx.array:
+        logits = logits.astype(mx.float32) / temperature
+        logits = apply_top_k(logits, top_k)
+        logits = apply_min_p(logits, min_p)
+        logits = apply_top_p(logits, top_p)
+        return mx.random.categorical(logits, axis=-1)
+
+    return sample
+
+
+def repetition_penalty(penalty: float, context_size: int = 64):
+    """CTRL-style penalty (Keskar et al. 2019) on tokens seen in the last ``context_size`` ids.
+
+    Returns ``process(history_ids: list[int], logits[B, V]) -> logits``. Positive logits are
+    divided by ``penalty``, negative ones multiplied, as in transformers.
+    """
+    if penalty <= 0:
+        raise ValueError("repetition_penalty must be > 0")
+
+    def process(history: list[int], logits: mx.array) -> mx.array:
+        if not history or penalty == 1.0:
+            return logits
+        ids = mx.array(sorted(set(history[-context_size:])))
+        picked = logits[..., ids]
+        picked = mx.where(picked > 0, picked / penalty, picked * penalty)
+        logits[..., ids] = picked
+        return logits
+
+    return process

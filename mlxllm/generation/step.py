@@ -1,0 +1,87 @@
+"""Token-id generation: chunked prefill, then one token per step.
+
+The next step is queued on the device (``mx.async_eval``) before the current token is handed
+out, so Python work per token (detokenizing, printing) overlaps the model's compute.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import mlx.core as mx
+
+from mlxllm.generation.sample import Sampler, greedy
+
+
+@dataclass
+class StepStats:
+    prompt_tokens: int = 0
+    prompt_time: float = 0.0  # seconds from start until the first token is known
+    generation_tokens: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+
+def prefill(model, ids: list[int], cache, chunk: int = 512) -> None:
+    """Run ``ids`` through the model into ``cache`` in chunks of ``chunk``.
+
+    Chunking bounds the activation memory of long prompts (scores are chunk x context).
+    """
+    for i in range(0, len(ids), chunk):
+        model(mx.array(ids[i : i + chunk])[None], cache=cache)
+        # evaluate the cache now so the graph of the next chunk stays small
+        mx.eval([c.state for c in cache])
+
+
+def generate_step(
+    model,
+    prompt_ids: list[int],
+    cache,
+    *,
+    max_tokens: int = 256,
+    sampler: Sampler = greedy,
+    logits_processors: list[Callable] | None = None,
+    prefill_chunk: int = 512,
+    stats: StepStats | None = None,
+) -> Iterator[int]:
+    """Yield generated token ids (at most ``max_tokens``).
+
+    ``cache`` must already hold whatever precedes ``prompt_ids``; ``prompt_ids`` must be non-empty
+    (its last id is the one the first new token is sampled after).
+    """
+    if not prompt_ids:
+        raise ValueError("prompt_ids must hold at least one token")
+    stats = stats or StepStats()
+    stats.prompt_tokens = len(prompt_ids)
+    history = list(prompt_ids)
+    processors = logits_processors or []
+
+    def step(y: mx.array) -> mx.array:
+        logits = model(y[None], cache=cache)[:, -1, :]  # [1, vocab]
+        for p in processors:
+            logits = p(history, logits)
+        return sampler(logits)
+
+    prefill(model, prompt_ids[:-1], cache, prefill_chunk)
+    y = step(mx.array(prompt_ids[-1:]))
+    mx.async_eval(y)
+    for n in range(1, max_tokens + 1):
+        more = n < max_tokens
+        if processors:
+            # processors read the token history, so the value is needed before the next step
+            token = y.item()
+            history.append(token)
+            y_next = step(y) if more else None
+        else:
+            # queue the next step on the still-lazy token, then wait for this one
+            y_next = step(y) if more else None
+            if more:
+                mx.async_eval(y_next)
+            token = y.item()
+        if n == 1:
+            stats.prompt_time = time.perf_counter() - stats.start
+            stats.start = time.perf_counter()
+        stats.generation_tokens = n
+        yield token
+        y = y_next

@@ -1,0 +1,1 @@
+"""Building blocks that take explicit arguments; only family files read configs."""

@@ -1,0 +1,135 @@
+"""Dense decoder-only transformers: Llama, Mistral, Qwen2, Qwen3 (one config, variants as fields).
+
+- Llama 2/3/3.1 (llama3 RoPE scaling), DeepSeek-LLM 7B/67B and R1-Distill-Llama: ``llama``.
+- Mistral: ``mistral`` (same graph; sliding-window attention is not applied).
+- Qwen1.5/2/2.5/Coder/QwQ and R1-Distill-Qwen: ``qwen2`` — qkv bias, tied or untied embeddings,
+  YaRN ``rope_scaling`` for 128K as Qwen documents.
+- Qwen3: ``qwen3`` — RMSNorm on q and k per head, explicit ``head_dim``, no qkv bias.
+
+Block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))`` (pre-norm, RMSNorm, SwiGLU, GQA).
+References: Touvron et al. 2023 (Llama); Qwen2 technical report (arXiv:2407.10671); Qwen3 report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxllm.cache import make_kv_caches
+from mlxllm.layers.attention import Attention
+from mlxllm.layers.mlp import SwiGLU
+from mlxllm.layers.rope import RoPE
+from mlxllm.models.base import BaseConfig, attention_mask
+
+
+@dataclasses.dataclass
+class DenseConfig(BaseConfig):
+    hidden_size: int = 4096
+    num_hidden_layers: int = 32
+    intermediate_size: int = 11008
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    vocab_size: int = 32000
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool | None = None  # llama/qwen3 field; qwen2 always has qkv bias
+    mlp_bias: bool = False
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+    # Variants as fields derived from model_type (HF configs do not spell them out).
+    @property
+    def qkv_bias(self) -> bool:
+        if self.model_type == "qwen2":
+            return True
+        return self.model_type in ("llama", "qwen3") and bool(self.attention_bias)
+
+    @property
+    def o_bias(self) -> bool:
+        return self.model_type in ("llama", "qwen3") and bool(self.attention_bias)
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.model_type == "qwen3"
+
+
+class Block(nn.Module):
+    def __init__(self, c: DenseConfig):
+        super().__init__()
+        rope = RoPE(c.head_dim, c.rope_theta, c.rope_scaling)
+        self.self_attn = Attention(
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            rope,
+            qkv_bias=c.qkv_bias,
+            o_bias=c.o_bias,
+            qk_norm_eps=c.rms_norm_eps if c.qk_norm else None,
+        )
+        self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.input_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+
+    def __call__(self, x, mask=None, cache=None):
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    def __init__(self, c: DenseConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = [Block(c) for _ in range(c.num_hidden_layers)]
+        self.norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+
+    def __call__(self, ids: mx.array, cache=None) -> mx.array:
+        h = self.embed_tokens(ids)
+        cache = cache or [None] * len(self.layers)
+        mask = attention_mask(ids.shape[1], cache[0].offset if cache[0] is not None else 0)
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, mask, c)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """``model(ids[B, L], cache=None) -> logits[B, L, vocab]``."""
+
+    config_class = DenseConfig
+
+    def __init__(self, config: DenseConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def __call__(self, ids: mx.array, cache=None) -> mx.array:
+        h = self.model(ids, cache)
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def make_cache(self):
+        return make_kv_caches(len(self.model.layers))
+
+    def sanitize(self, weights: dict) -> dict:
+        # inv_freq is recomputed from the config; a tied lm_head would be an unexpected key
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.config.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        return weights
