@@ -9,7 +9,6 @@ from __future__ import annotations
 import glob
 import os
 import sys
-from typing import List, Optional
 
 import typer
 
@@ -31,7 +30,7 @@ def _fail(msg: str, code: int = 1):
     raise typer.Exit(code)
 
 
-def _load(model: str, dtype: Optional[str]):
+def _load(model: str, dtype: str | None):
     from mlxllm.errors import MlxllmError
 
     try:
@@ -85,14 +84,14 @@ def generate(
     top_p: float = TopP,
     top_k: int = TopK,
     min_p: float = MinP,
-    repetition_penalty: Optional[float] = RepPenalty,
-    seed: Optional[int] = Seed,
-    system: Optional[str] = System,
-    stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
+    repetition_penalty: float | None = RepPenalty,
+    seed: int | None = Seed,
+    system: str | None = System,
+    stop: list[str] | None = typer.Option(None, "--stop", help="Stop string (repeatable)."),
     no_chat_template: bool = typer.Option(
         False, "--no-chat-template", help="Send the prompt as raw text."
     ),
-    dtype: Optional[str] = Dtype,
+    dtype: str | None = Dtype,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speed and memory."),
 ):
     """Generate text for one prompt and stream it to stdout."""
@@ -122,7 +121,7 @@ def generate(
         _fail(str(e))
     except KeyboardInterrupt:
         sys.stdout.write("\n")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     sys.stdout.write("\n")
     if verbose and last is not None:
         typer.echo(
@@ -141,10 +140,10 @@ def chat(
     top_p: float = TopP,
     top_k: int = TopK,
     min_p: float = MinP,
-    repetition_penalty: Optional[float] = RepPenalty,
-    seed: Optional[int] = Seed,
-    system: Optional[str] = System,
-    dtype: Optional[str] = Dtype,
+    repetition_penalty: float | None = RepPenalty,
+    seed: int | None = Seed,
+    system: str | None = System,
+    dtype: str | None = Dtype,
 ):
     """Chat in the terminal; the KV cache is kept across turns."""
     m, tok = _load(model, dtype)

@@ -49,8 +49,8 @@ def download(repo_id: str, revision: str | None = None) -> Path:
     Honours HF_HOME, HF_HUB_OFFLINE and HF_TOKEN through huggingface_hub itself. Progress bars
     come from huggingface_hub.
     """
-    from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
+    from huggingface_hub import snapshot_download
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
@@ -83,7 +83,9 @@ def resolve(name: str | os.PathLike, revision: str | None = None) -> Path:
     p = Path(name).expanduser()
     if p.is_dir():
         if not (p / "config.json").exists():
-            raise MlxllmError(f"{p} has no config.json; point to a Hugging Face or MLX model folder")
+            raise MlxllmError(
+                f"{p} has no config.json; point to a Hugging Face or MLX model folder"
+            )
         return p
     name = str(name)
     repo = resolve_alias(name)
@@ -104,7 +106,9 @@ def load_config(path: Path) -> dict:
     try:
         config = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as e:
-        raise MlxllmError(f"{path / 'config.json'} is not valid JSON ({e}); fix or re-download") from None
+        raise MlxllmError(
+            f"{path / 'config.json'} is not valid JSON ({e}); fix or re-download"
+        ) from None
     gen = path / "generation_config.json"
     if gen.exists():
         config["_generation_config"] = json.loads(gen.read_text())

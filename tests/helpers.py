@@ -57,11 +57,13 @@ VARIANTS = {
         tie_word_embeddings=False,
     ),
     "qwen2-tied": dict(
-        model_type="qwen2", rope_parameters=dict(rope_type="default", rope_theta=1e6),
+        model_type="qwen2",
+        rope_parameters=dict(rope_type="default", rope_theta=1e6),
         tie_word_embeddings=True,
     ),
     "qwen2-untied": dict(
-        model_type="qwen2", rope_parameters=dict(rope_type="default", rope_theta=1e6),
+        model_type="qwen2",
+        rope_parameters=dict(rope_type="default", rope_theta=1e6),
         tie_word_embeddings=False,
     ),
     # Qwen's documented 128K YaRN, scaled down so that positions pass the original context
@@ -73,12 +75,16 @@ VARIANTS = {
         tie_word_embeddings=False,
     ),
     "qwen3": dict(
-        model_type="qwen3", head_dim=32, rope_parameters=dict(rope_type="default", rope_theta=1e6),
+        model_type="qwen3",
+        head_dim=32,
+        rope_parameters=dict(rope_type="default", rope_theta=1e6),
         tie_word_embeddings=True,
     ),
     "mistral": dict(
-        model_type="mistral", rope_parameters=dict(rope_type="default", rope_theta=1e6),
-        tie_word_embeddings=False, sliding_window=None,
+        model_type="mistral",
+        rope_parameters=dict(rope_type="default", rope_theta=1e6),
+        tie_word_embeddings=False,
+        sliding_window=None,
     ),
 }
 

@@ -38,7 +38,8 @@ def test_help_imports_neither_mlx_nor_transformers():
         "import sys\n"
         "from mlxllm.cli.main import app\n"
         "try:\n    app(['--help'], prog_name='mlxllm')\nexcept SystemExit:\n    pass\n"
-        "bad = [m for m in ('mlx', 'mlx.core', 'transformers', 'torch', 'numpy') if m in sys.modules]\n"
+        "heavy = ('mlx', 'mlx.core', 'transformers', 'torch', 'numpy')\n"
+        "bad = [m for m in heavy if m in sys.modules]\n"
         "print('HEAVY', bad)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -53,19 +54,25 @@ def test_generate_prompt_and_stdin(tiny_path):
     res2 = runner.invoke(app, ["generate", str(tiny_path), "-p", "-", "-m", "5"], input="Hello")
     assert res2.exit_code == 0, res2.output
     assert res2.stdout == res.stdout  # same prompt, greedy
-    raw = runner.invoke(app, ["generate", str(tiny_path), "-p", "Hello", "-m", "5", "--no-chat-template"])
+    raw = runner.invoke(
+        app, ["generate", str(tiny_path), "-p", "Hello", "-m", "5", "--no-chat-template"]
+    )
     assert raw.exit_code == 0
 
 
 def test_errors_are_one_clear_line(tiny_path, tmp_path):
-    assert "unknown model" in _one_error_line(runner.invoke(app, ["generate", "nope-7b", "-p", "x"]))
+    assert "unknown model" in _one_error_line(
+        runner.invoke(app, ["generate", "nope-7b", "-p", "x"])
+    )
     bad = tmp_path / "bad"
     shutil.copytree(tiny_path, bad)
     cfg = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt_neox")))
     line = _one_error_line(runner.invoke(app, ["generate", str(bad), "-p", "x"]))
     assert "gpt_neox" in line and "qwen2" in line and "llama" in line
-    (bad / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "model_type"}))
+    (bad / "config.json").write_text(
+        json.dumps({k: v for k, v in cfg.items() if k != "model_type"})
+    )
     assert "model_type" in _one_error_line(runner.invoke(app, ["generate", str(bad), "-p", "x"]))
     (bad / "config.json").write_text(json.dumps(cfg))
     (bad / "model.safetensors").unlink()
@@ -76,7 +83,9 @@ def test_errors_are_one_clear_line(tiny_path, tmp_path):
     shutil.copytree(tiny_path, tmp_path / "trunc")
     w = tmp_path / "trunc" / "model.safetensors"
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
-    assert "truncated" in _one_error_line(runner.invoke(app, ["generate", str(w.parent), "-p", "x"]))
+    assert "truncated" in _one_error_line(
+        runner.invoke(app, ["generate", str(w.parent), "-p", "x"])
+    )
 
 
 def test_chat_repl_commands(tiny_path):

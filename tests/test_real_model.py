@@ -36,7 +36,9 @@ def hf_qwen():
 
 def test_cli_greedy_tokens_equal_transformers(qwen, hf_qwen):
     _, tok = qwen
-    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], add_generation_prompt=True
+    )
     ids = tok.encode(text, add_special_tokens=False)
     with torch.no_grad():
         out = hf_qwen.generate(
@@ -57,7 +59,7 @@ def test_cli_greedy_tokens_equal_transformers(qwen, hf_qwen):
     got = list(generate_step(model, ids, model.make_cache(), max_tokens=N))
     if got != want:
         # a divergence is acceptable only where transformers itself is on a knife edge
-        i = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+        i = next(i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b)
         top2 = np.sort(logits[i])[-2:]
         print(f"diverged at step {i}: transformers top-2 logit gap {top2[1] - top2[0]:.2e}")
         assert top2[1] - top2[0] < 1e-4, f"tokens diverge at step {i} without a near tie"
@@ -68,7 +70,8 @@ def test_cli_greedy_tokens_equal_transformers(qwen, hf_qwen):
 
     # the CLI prints exactly these tokens (up to eos)
     res = CliRunner().invoke(
-        app, ["generate", str(fixture_model(QWEN)), "-p", PROMPT, "-m", str(N), "--dtype", "float32"]
+        app,
+        ["generate", str(fixture_model(QWEN)), "-p", PROMPT, "-m", str(N), "--dtype", "float32"],
     )
     assert res.exit_code == 0, res.output
     text = tok.decode([t for t in got if t not in tok.eos_token_ids])

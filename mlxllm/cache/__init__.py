@@ -115,7 +115,7 @@ class PromptCache:
     def prepare(self, ids: list[int]) -> list[int]:
         self.sync()
         common = 0
-        for a, b in zip(self.ids, ids):
+        for a, b in zip(self.ids, ids, strict=False):
             if a != b:
                 break
             common += 1

@@ -1,1 +1,1 @@
-"""Generation in three layers: sample.py (pure samplers) -> step.py (token ids) -> stream.py (text)."""
+"""Generation in three layers: sample.py (samplers) -> step.py (token ids) -> stream.py (text)."""

@@ -5,7 +5,7 @@ Nothing here knows about models, caches or text.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 

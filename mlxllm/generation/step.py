@@ -7,8 +7,8 @@ out, so Python work per token (detokenizing, printing) overlaps the model's comp
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import mlx.core as mx
 

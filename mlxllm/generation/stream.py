@@ -7,13 +7,14 @@ on the tokenizer's eos ids, on stop strings (which are never emitted), or at ``m
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import mlx.core as mx
 
 from mlxllm.cache import PromptCache
-from mlxllm.generation.sample import make_sampler, repetition_penalty as make_rep_penalty
+from mlxllm.generation.sample import make_sampler
+from mlxllm.generation.sample import repetition_penalty as make_rep_penalty
 from mlxllm.generation.step import StepStats, generate_step
 
 
@@ -177,7 +178,9 @@ def stream_generate(
         cache.sync(ids + generated)
 
 
-def generate(model, tokenizer, prompt, max_tokens: int = 256, verbose: bool = False, **kwargs) -> str:
+def generate(
+    model, tokenizer, prompt, max_tokens: int = 256, verbose: bool = False, **kwargs
+) -> str:
     """Generate and return the whole text; same arguments as ``stream_generate``."""
     parts, last = [], None
     for last in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs):

@@ -97,7 +97,7 @@ class Backbone(nn.Module):
         h = self.embed_tokens(ids)
         cache = cache or [None] * len(self.layers)
         mask = attention_mask(ids.shape[1], cache[0].offset if cache[0] is not None else 0)
-        for layer, c in zip(self.layers, cache):
+        for layer, c in zip(self.layers, cache, strict=False):
             h = layer(h, mask, c)
         return self.norm(h)
 
