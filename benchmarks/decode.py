@@ -228,9 +228,8 @@ def build_prompt(model: Path, n: int) -> list[int]:
     from tokenizers import Tokenizer
 
     text = (EVAL_DIR / PROMPT_FILE).read_text(encoding="utf-8")
-    ids = Tokenizer.from_file(str(model / "tokenizer.json")).encode(
-        text, add_special_tokens=False
-    ).ids
+    tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
     if not ids:
         raise SystemExit(f"{EVAL_DIR / PROMPT_FILE} tokenizes to nothing")
     while len(ids) < n:
@@ -311,7 +310,7 @@ def _ratio(a, b):
 
 def _prefix_match(a: str, b: str) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1
@@ -350,12 +349,15 @@ def report(res: dict) -> list[str]:
     ratios = res.get("ratios", {})
     if ratios:
         lines.append("")
-        lines.append("mlxllm / mlx-lm        prompt   decode (target >= 1.0)   peak MLX   max RSS")
+        lines.append(
+            f"{'mlxllm / mlx-lm':<34} {'prompt':>8} {'decode':>8} {'(>= 1.0)':>8} "
+            f"{'peak MLX':>9} {'max RSS':>8}"
+        )
         for k, r in ratios.items():
-            ok = "" if r["decode"] is None else ("  ok" if r["decode"] >= 1.0 else "  BELOW")
+            ok = "" if r["decode"] is None else ("ok" if r["decode"] >= 1.0 else "BELOW")
             lines.append(
-                f"  vs {k:<18} {_fmt(r['prompt'], '>6.2f')}   {_fmt(r['decode'], '>6.2f')}{ok:<15}"
-                f"  {_fmt(r['peak_memory'], '>8.2f')}  {_fmt(r['max_rss'], '>8.2f')}"
+                f"  vs {k:<30} {_fmt(r['prompt'], '>8.2f')} {_fmt(r['decode'], '>8.2f')} "
+                f"{ok:>8} {_fmt(r['peak_memory'], '>9.2f')} {_fmt(r['max_rss'], '>8.2f')}"
             )
     agree = res.get("agreement", {})
     if agree:
@@ -377,8 +379,7 @@ def report(res: dict) -> list[str]:
             ok = "ok" if cr["generate"] <= 0.5 else "ABOVE"
             lines.append(f"  mlxllm / mlx_lm generate: {cr['generate']:.2f} (target <= 0.5: {ok})")
             lines.append(
-                "  (mlx_lm keeps fp16 weights, so its cold start includes a slow fp16 prefill of "
-                "the chat-templated prompt)"
+                "  (mlx_lm keeps fp16 weights: its cold start includes a slow fp16 prefill)"
             )
         h = cold["mlxllm --help"]["best_s"]
         if h is not None:
@@ -407,12 +408,16 @@ def main(argv=None):
     )
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per worker process")
     ap.add_argument("--out", default=str(RESULTS), help="JSON results file")
+    ap.add_argument("--report", metavar="JSON", help="only print the table of a saved result")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--ids-file", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.worker:
         return worker(args.worker, args.model, args.ids_file, args.gen_tokens)
+    if args.report:
+        print("\n".join(report(json.loads(Path(args.report).read_text()))))
+        return
 
     model = Path(args.model).expanduser()
     if not (model / "config.json").exists():
