@@ -162,6 +162,47 @@ def chat(
 
 
 @app.command()
+def convert(
+    src: str = typer.Argument(..., help="Hugging Face folder, repo id or alias."),
+    out: str = typer.Option(..., "--out", "-o", help="Output folder."),
+    bits: int | None = typer.Option(None, "--bits", "-q", help="Quantize: 2, 3, 4, 5, 6 or 8."),
+    group_size: int = typer.Option(64, "--group-size", help="Quantization group: 32, 64, 128."),
+    dtype: str | None = typer.Option(None, "--dtype", help="bfloat16, float16 or float32."),
+    recipe: str | None = typer.Option(
+        None, "--recipe", help="uniform, or mixed_4_6 (4-bit with sensitive layers at 6)."
+    ),
+    mode: str = typer.Option("affine", "--mode", help="affine, mxfp4, mxfp8 or nvfp4."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    allow_pickle: bool = typer.Option(
+        False, "--allow-pickle", help="Read pickled *.bin weights (can run code: trusted only)."
+    ),
+    shard_size_gb: float = typer.Option(2.0, "--shard-size-gb", help="Max output shard size."),
+):
+    """Convert a Hugging Face checkpoint to MLX safetensors, optionally quantized."""
+    from mlxllm.convert import convert as run_convert
+    from mlxllm.errors import MlxllmError
+
+    try:
+        path = run_convert(
+            src,
+            out,
+            bits=bits,
+            group_size=group_size,
+            dtype=dtype,
+            recipe=recipe,
+            mode=mode,
+            force=force,
+            allow_pickle=allow_pickle,
+            shard_size_gb=shard_size_gb,
+        )
+    except MlxllmError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was written", 130)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
 def models():
     """List model aliases and the Hugging Face repos they point to."""
     from rich.console import Console
@@ -204,7 +245,7 @@ def _openblas_reexec() -> None:
     """
     if not sys.platform.startswith("linux") or os.environ.get("MLXLLM_NO_OPENBLAS"):
         return
-    if len(sys.argv) < 2 or sys.argv[1] not in ("generate", "chat"):
+    if len(sys.argv) < 2 or sys.argv[1] not in ("generate", "chat", "convert"):
         return
     preload = os.environ.get("LD_PRELOAD", "")
     if "openblas" in preload:

@@ -1,1 +1,250 @@
-"""Hugging Face -> MLX conversion (installed as ``mlxllm.convert``); see issue 3."""
+"""Hugging Face -> MLX conversion, streaming one source shard and one tensor at a time.
+
+``convert(src, out, ...)``: validates everything first (config, family, shards, headers), then
+for each source shard loads tensors lazily, applies the family's ``sanitize`` and FP8
+dequantization, quantizes what the recipe says, and streams the result into bounded output
+shards. Everything is written into a temporary sibling folder that is renamed at the end, so a
+failure or Ctrl-C leaves no OUT behind and an existing OUT is only replaced with ``force``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+from pathlib import Path
+
+from mlxllm.errors import MlxllmError
+
+COPY_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _source_files(src: Path, allow_pickle: bool) -> list[Path]:
+    """The weight files in ``src``: safetensors (checked against the index), or pickles."""
+    from mlxllm.loader import weight_files
+
+    if not list(src.glob("*.safetensors")) and not (src / "model.safetensors.index.json").exists():
+        pickles = sorted(src.glob("*.bin")) + sorted(src.glob("*.pt"))
+        if pickles and allow_pickle:
+            return pickles
+        if pickles:
+            raise MlxllmError(
+                f"{src} has only pickled PyTorch weights (*.bin); unpickling can run arbitrary "
+                "code, so pass --allow-pickle only if you trust the source"
+            )
+    return weight_files(src)
+
+
+def _load_pickle(path: Path) -> dict:
+    try:
+        import torch
+    except ImportError:
+        raise MlxllmError("reading *.bin weights needs PyTorch: pip install torch") from None
+    import mlx.core as mx
+
+    # weights_only=True refuses arbitrary objects, but the format remains a pickle
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: mx.array(v.float().numpy()) for k, v in state.items()}
+
+
+def _model_card(src_name: str, settings: dict) -> str:
+    date = datetime.date.today().isoformat()
+    rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
+    return (
+        f"# {Path(src_name).name} (MLX)\n\n"
+        f"Converted from `{src_name}` with mlxllm on {date}.\n\n"
+        f"| setting | value |\n|---|---|\n{rows}\n\n"
+        f"Run it with `mlxllm chat PATH` or `mlxllm.load(PATH)`; it also loads in mlx-lm.\n"
+    )
+
+
+def convert(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    bits: int | None = None,
+    group_size: int = 64,
+    dtype: str | None = None,
+    recipe: str | None = None,
+    mode: str = "affine",
+    force: bool = False,
+    allow_pickle: bool = False,
+    shard_size_gb: float = 2.0,
+    progress: bool = True,
+) -> Path:
+    """Convert a Hugging Face checkpoint into an MLX folder, optionally quantized.
+
+    Args:
+        src: local HF folder, Hub repo id or alias.
+        out: output folder (must not exist unless ``force``).
+        bits: quantize to this many bits (2-8); None keeps float weights (unless ``recipe``).
+        group_size: elements per quantization group (32, 64 or 128).
+        dtype: dtype of float tensors and scales (default: the source's half type, else bf16).
+        recipe: ``uniform`` or ``mixed_4_6`` (implies 4-bit).
+        mode: ``affine`` or an MX format (``mxfp4``, ``mxfp8``, ``nvfp4``).
+        force: replace an existing ``out``.
+        allow_pickle: accept pickled ``*.bin`` weights.
+        shard_size_gb: maximum output shard size.
+
+    Returns:
+        The output folder.
+    """
+    import mlx.core as mx
+
+    from mlxllm.convert.safetensors_io import StreamingWriter, read_header, write_index
+    from mlxllm.loader import load_config, resolve
+    from mlxllm.models import build_model
+    from mlxllm.models.transforms import dequant_fp8_weights
+    from mlxllm.quant import make_predicate, quantization_config, supported_modes
+
+    out = Path(out).expanduser()
+    if out.exists() and not force:
+        raise MlxllmError(f"{out} already exists; pass --force to replace it")
+    if bits is not None and not 2 <= bits <= 8:
+        raise MlxllmError(f"--bits {bits} is not supported; use 2, 3, 4, 5, 6 or 8")
+    if group_size not in (16, 32, 64, 128):
+        raise MlxllmError(f"--group-size {group_size} is not supported; use 32, 64 or 128")
+    if mode != "affine" and mode not in supported_modes():
+        raise MlxllmError(f"mode {mode!r} is not supported by this MLX; use affine")
+    if dtype is not None and dtype not in DTYPES:
+        raise MlxllmError(f"--dtype {dtype} is not supported; use {', '.join(DTYPES)}")
+
+    # 1. validate everything before writing anything
+    path = resolve(src)
+    config = load_config(path)
+    config.pop("_generation_config", None)
+    model = build_model(config)  # lazy parameters: nothing is allocated
+    files = _source_files(path, allow_pickle)
+    headers = {f: read_header(f) for f in files if f.suffix == ".safetensors"}
+    where = {k: f for f, h in headers.items() for k in h if k != "__metadata__"}
+    src_dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+    dtype = dtype or ("float16" if src_dtype == "float16" else "bfloat16")
+    out_dtype = getattr(mx, dtype)
+    quantize = bits is not None or recipe is not None or mode != "affine"
+    n_layers = config.get("num_hidden_layers", 0)
+    predicate = (
+        make_predicate(recipe or "uniform", bits or 4, group_size, mode, n_layers)
+        if quantize
+        else None
+    )
+    modules = dict(model.named_modules())
+
+    # 2. stream shards into a temporary sibling folder
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        chosen: dict[str, dict] = {}
+        progress_bar = _progress(progress)
+        task = None
+        writer = StreamingWriter(
+            tmp, int(shard_size_gb * 1e9), on_write=lambda _: progress_bar.advance(task)
+        )
+        with progress_bar:
+            for f in files:
+                weights = mx.load(str(f)) if f.suffix == ".safetensors" else _load_pickle(f)
+                weights = model.sanitize(dequant_fp8_weights(_pair_fp8_scales(weights, where)))
+                outputs = []  # (name, lazy array): nothing is computed until written
+                for name in sorted(weights):
+                    w = weights[name]
+                    mpath, _, leaf = name.rpartition(".")
+                    q = None
+                    if predicate is not None and leaf == "weight" and mpath in modules:
+                        q = predicate(mpath, modules[mpath])
+                    if not q:
+                        outputs.append((name, _cast(w, out_dtype)))
+                        continue
+                    chosen[mpath] = q
+                    packed, scales, *biases = mx.quantize(
+                        w.astype(mx.float32), q["group_size"], q["bits"], mode=q["mode"]
+                    )
+                    outputs += [(name, packed), (f"{mpath}.scales", _cast(scales, out_dtype))]
+                    outputs += [(f"{mpath}.biases", b.astype(out_dtype)) for b in biases[:1]]
+                task = progress_bar.add_task(f.name, total=len(outputs))
+                for name, a in outputs:
+                    writer.add(name, a)
+                writer.flush_shard()  # one source shard never shares an output shard's memory
+                del weights
+                mx.clear_cache()
+        weight_map = writer.close()
+        if len(set(weight_map.values())) > 1:
+            write_index(tmp, weight_map, writer.total_bytes)
+
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+        if chosen:
+            block = quantization_config(chosen)
+            config["quantization"] = block
+            config["quantization_config"] = block  # mlx-lm writes both keys
+        config["torch_dtype"] = dtype
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        for name in COPY_FILES:
+            if (path / name).exists():
+                shutil.copy(path / name, tmp / name)
+        settings = {
+            "source": str(src),
+            "dtype": dtype,
+            "quantization": (f"{recipe or 'uniform'}, {bits or 4}-bit, group {group_size}, {mode}")
+            if chosen
+            else "none",
+        }
+        (tmp / "README.md").write_text(_model_card(str(src), settings))
+
+        # 3. publish: swap in atomically (an existing OUT is removed only after success)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _pair_fp8_scales(weights: dict, where: dict) -> dict:
+    """Bring each FP8 weight's ``weight_scale_inv`` into the same shard (it may live in
+    another file); drop scales whose weight is converted with another shard."""
+    import mlx.core as mx
+
+    out = dict(weights)
+    for k in list(out):
+        if k.endswith(".weight_scale_inv") and k[: -len("_scale_inv")] not in out:
+            del out[k]
+        elif k.endswith(".weight") and f"{k}_scale_inv" not in out:
+            sk = f"{k}_scale_inv"
+            if sk in where:
+                out[sk] = mx.load(str(where[sk]))[sk]  # lazy: reads only this tensor
+    return out
+
+
+def _cast(w, dtype):
+    """Float tensors to the output dtype; integer and MX scale bytes stay as they are."""
+    import mlx.core as mx
+
+    return w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=not enabled,
+    )

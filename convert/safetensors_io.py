@@ -73,8 +73,9 @@ class StreamingWriter:
     ``close``) writes one file, evaluating one tensor at a time. Returns the weight map.
     """
 
-    def __init__(self, folder: Path, max_bytes: int, metadata: dict | None = None):
+    def __init__(self, folder: Path, max_bytes: int, metadata: dict | None = None, on_write=None):
         self.folder = folder
+        self.on_write = on_write or (lambda name: None)  # called after each tensor is written
         self.max_bytes = max_bytes
         self.metadata = {"format": "mlx", **(metadata or {})}
         self.pending: list[tuple[str, mx.array]] = []
@@ -109,8 +110,9 @@ class StreamingWriter:
         with open(path, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
-            for _, a in self.pending:
+            for name, a in self.pending:
                 f.write(_to_bytes(a))
+                self.on_write(name)
         self.shards.append([n for n, _ in self.pending])
         self.total_bytes += offset
         self.pending, self.pending_bytes = [], 0
@@ -135,7 +137,8 @@ def _to_bytes(a: mx.array) -> memoryview | bytes:
 
 
 def write_index(folder: Path, weight_map: dict[str, str], total_bytes: int) -> None:
-    index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    weight_map = dict(sorted(weight_map.items()))
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 

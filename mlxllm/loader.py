@@ -16,6 +16,7 @@ import mlx.nn as nn
 
 from mlxllm.errors import MlxllmError
 from mlxllm.models import build_model
+from mlxllm.models.transforms import dequant_fp8_weights
 from mlxllm.registry import resolve_alias
 
 # What a snapshot download fetches: weights, config and tokenizer files, never code or pickles.
@@ -166,7 +167,7 @@ def load_model(path: Path, dtype: mx.Dtype | None = None, lazy: bool = False) ->
     """
     config = load_config(path)
     model = build_model(config)
-    weights = model.sanitize(load_weights(path))
+    weights = model.sanitize(dequant_fp8_weights(load_weights(path)))
     if "quantization" in config:
         from mlxllm.quant import quantize_from_config
 
