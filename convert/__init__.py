@@ -104,6 +104,7 @@ def convert(
     from mlxllm.convert.safetensors_io import StreamingWriter, read_header, write_index
     from mlxllm.loader import load_config, resolve
     from mlxllm.models import build_model
+    from mlxllm.models.base import normalize_rope
     from mlxllm.models.transforms import dequant_fp8_weights
     from mlxllm.quant import make_predicate, quantization_config, supported_modes
 
@@ -155,28 +156,15 @@ def convert(
             for f in files:
                 weights = mx.load(str(f)) if f.suffix == ".safetensors" else _load_pickle(f)
                 weights = model.sanitize(dequant_fp8_weights(_pair_fp8_scales(weights, where)))
-                outputs = []  # (name, lazy array): nothing is computed until written
-                for name in sorted(weights):
-                    w = weights[name]
-                    mpath, _, leaf = name.rpartition(".")
-                    q = None
-                    if predicate is not None and leaf == "weight" and mpath in modules:
-                        q = predicate(mpath, modules[mpath])
-                    if not q:
-                        outputs.append((name, _cast(w, out_dtype)))
-                        continue
-                    chosen[mpath] = q
-                    packed, scales, *biases = mx.quantize(
-                        w.astype(mx.float32), q["group_size"], q["bits"], mode=q["mode"]
-                    )
-                    outputs += [(name, packed), (f"{mpath}.scales", _cast(scales, out_dtype))]
-                    outputs += [(f"{mpath}.biases", b.astype(out_dtype)) for b in biases[:1]]
-                task = progress_bar.add_task(f.name, total=len(outputs))
-                for name, a in outputs:
-                    writer.add(name, a)
-                writer.flush_shard()  # one source shard never shares an output shard's memory
+                outputs = _plan(weights, modules, predicate, out_dtype, chosen)
+                # Only the writer may hold these arrays: anything else that references one keeps
+                # its evaluated buffer (and the source tensor) alive for the whole shard.
                 del weights
-                mx.clear_cache()
+                task = progress_bar.add_task(f.name, total=len(outputs))
+                outputs.reverse()
+                while outputs:
+                    writer.add(*outputs.pop())
+                writer.flush_shard()  # output shards follow source shards
         weight_map = writer.close()
         if len(set(weight_map.values())) > 1:
             write_index(tmp, weight_map, writer.total_bytes)
@@ -188,6 +176,12 @@ def convert(
             config["quantization"] = block
             config["quantization_config"] = block  # mlx-lm writes both keys
         config["torch_dtype"] = dtype
+        # also write the transformers-4 RoPE keys: readers that know only those (mlx-lm 0.32
+        # ignores rope_parameters) would otherwise run the model with the wrong RoPE
+        theta, scaling = normalize_rope(config)
+        config["rope_theta"] = theta
+        if scaling:
+            config["rope_scaling"] = {**scaling, "type": scaling["rope_type"]}
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         for name in COPY_FILES:
             if (path / name).exists():
@@ -213,6 +207,34 @@ def convert(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _plan(weights: dict, modules: dict, predicate, out_dtype, chosen: dict) -> list:
+    """The output tensors for one source shard, as lazy arrays (nothing is computed yet).
+
+    Weights of layers the predicate selects become packed codes + scales (+ biases); the rest
+    are cast to the output dtype. ``chosen`` collects each quantized layer's settings.
+    """
+    import mlx.core as mx
+
+    outputs = []
+    for name in sorted(weights):
+        w = weights[name]
+        mpath, _, leaf = name.rpartition(".")
+        q = None
+        if predicate is not None and leaf == "weight" and mpath in modules:
+            q = predicate(mpath, modules[mpath])
+        if not q:
+            outputs.append((name, _cast(w, out_dtype)))
+            continue
+        chosen[mpath] = q
+        # quantize in the storage dtype: the codes are then fit to the rounded scales
+        packed, scales, *biases = mx.quantize(
+            _cast(w, out_dtype), q["group_size"], q["bits"], mode=q["mode"]
+        )
+        outputs += [(name, packed), (f"{mpath}.scales", _cast(scales, out_dtype))]
+        outputs += [(f"{mpath}.biases", b.astype(out_dtype)) for b in biases[:1]]
+    return outputs
 
 
 def _pair_fp8_scales(weights: dict, where: dict) -> dict:

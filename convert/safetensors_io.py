@@ -107,13 +107,17 @@ class StreamingWriter:
         header["__metadata__"] = self.metadata
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
+        names = [n for n, _ in self.pending]
         with open(path, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
-            for name, a in self.pending:
+            for i, name in enumerate(names):
+                a, self.pending[i] = self.pending[i][1], None  # the file holds it from now on
                 f.write(_to_bytes(a))
+                del a
+                mx.clear_cache()  # freed buffers would otherwise pile up in MLX's cache
                 self.on_write(name)
-        self.shards.append([n for n, _ in self.pending])
+        self.shards.append(names)
         self.total_bytes += offset
         self.pending, self.pending_bytes = [], 0
 
@@ -133,7 +137,7 @@ def _to_bytes(a: mx.array) -> memoryview | bytes:
     mx.eval(a)  # one tensor at a time: this is what bounds the converter's memory
     if a.dtype == mx.bfloat16:
         a = a.view(mx.uint16)  # numpy has no bfloat16; the bytes are the same
-    return np.asarray(a).tobytes(order="C")
+    return memoryview(np.asarray(a))
 
 
 def write_index(folder: Path, weight_map: dict[str, str], total_bytes: int) -> None:

@@ -54,7 +54,7 @@ def _quantizable(path: str, module: nn.Module, group_size: int) -> bool:
 def _more_bits(layer: int, n_layers: int) -> bool:
     """The layers where llama.cpp's Q4_K_M spends more bits: the first and last eighth, and
     every third layer in between."""
-    eighth = n_layers // 8
+    eighth = max(1, n_layers // 8)
     return layer < eighth or layer >= n_layers - eighth or (layer - eighth) % 3 == 2
 
 

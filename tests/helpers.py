@@ -97,18 +97,21 @@ def hf_config(variant: str):
     return AutoConfig.for_model(model_type, **kw)
 
 
-def make_tiny_hf(variant: str, out: Path, seed: int = 0, tokenizer_from: Path | None = None):
+def make_tiny_hf(
+    variant: str, out: Path, seed: int = 0, tokenizer_from: Path | None = None, std: float = 0.1
+):
     """Save a random float32 transformers model; returns the torch model (eval mode)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hf_config(variant), dtype=torch.float32).eval()
-    # random init has tiny weights; widen them so that logits are not all ~0
+    # random init has tiny weights; widen them so that logits are not all ~0 (parity tests);
+    # quantization tests use a smaller std, closer to trained weights, so errors stay linear
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" not in name:
-                p.normal_(0, 0.1)
+                p.normal_(0, std)
     model.save_pretrained(out, safe_serialization=True)
     src = tokenizer_from or fixture_model(SMOL)
     for f in TOKENIZER_FILES:
