@@ -137,7 +137,7 @@ def _to_bytes(a: mx.array) -> memoryview | bytes:
     mx.eval(a)  # one tensor at a time: this is what bounds the converter's memory
     if a.dtype == mx.bfloat16:
         a = a.view(mx.uint16)  # numpy has no bfloat16; the bytes are the same
-    return memoryview(np.asarray(a))
+    return memoryview(np.ascontiguousarray(np.asarray(a)))  # a transposed view is not C-order
 
 
 def write_index(folder: Path, weight_map: dict[str, str], total_bytes: int) -> None:

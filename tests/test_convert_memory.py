@@ -45,10 +45,16 @@ def _layer(i: int) -> dict:
         "input_layernorm.weight": (d,),
         "post_attention_layernorm.weight": (d,),
     }
-    key = mx.random.key(i)
-    return {
-        p + k: (mx.random.normal(s, key=key) * 0.02).astype(mx.float16) for k, s in shapes.items()
-    }
+    return {p + k: _tensor(s, i) for k, s in shapes.items()}
+
+
+def _tensor(shape, seed: int) -> mx.array:
+    """Cheap, varied, deterministic float16 values (random generation takes minutes here)."""
+    cols = mx.sin(mx.arange(shape[-1]) * 0.37 + seed) * 0.02
+    if len(shape) == 1:
+        return cols.astype(mx.float16)
+    rows = mx.cos(mx.arange(shape[0]) * 0.11 + seed)[:, None]
+    return (rows * cols).astype(mx.float16)
 
 
 def _write_synthetic(folder):
@@ -56,14 +62,14 @@ def _write_synthetic(folder):
     (folder / "config.json").write_text(json.dumps(CONFIG))
     writer = StreamingWriter(folder, max_bytes=int(1.2e9))
     d, v = CONFIG["hidden_size"], CONFIG["vocab_size"]
-    writer.add("model.embed_tokens.weight", (mx.random.normal((v, d)) * 0.02).astype(mx.float16))
+    writer.add("model.embed_tokens.weight", _tensor((v, d), -1))
     for i in range(CONFIG["num_hidden_layers"]):
         for name, a in _layer(i).items():
             writer.add(name, a)
         if i % 10 == 9:
             writer.flush_shard()  # 4 shards of ~1 GB
     writer.add("model.norm.weight", mx.ones((d,), mx.float16))
-    writer.add("lm_head.weight", (mx.random.normal((v, d)) * 0.02).astype(mx.float16))
+    writer.add("lm_head.weight", _tensor((v, d), -2))
     write_index(folder, writer.close(), writer.total_bytes)
 
 
