@@ -132,9 +132,8 @@ def convert(
     dtype = dtype or ("float16" if src_dtype == "float16" else "bfloat16")
     out_dtype = getattr(mx, dtype)
     quantize = bits is not None or recipe is not None or mode != "affine"
-    n_layers = config.get("num_hidden_layers", 0)
     predicate = (
-        make_predicate(recipe or "uniform", bits or 4, group_size, mode, n_layers)
+        make_predicate(recipe or "uniform", bits or 4, group_size, mode, model=model)
         if quantize
         else None
     )

@@ -58,20 +58,63 @@ def _more_bits(layer: int, n_layers: int) -> bool:
     return layer < eighth or layer >= n_layers - eighth or (layer - eighth) % 3 == 2
 
 
+def _affine_bpw(bits: int, group_size: int, scale_bits: int = 16) -> float:
+    """Stored bits per weight: the codes plus one scale and one bias per group."""
+    return bits + 2 * scale_bits / group_size
+
+
+def _mixed_upgrades(model: nn.Module, group_size: int, max_bpw: float) -> set[str]:
+    """Which layers a mixed 4/6 recipe lifts to 6 bits within ``max_bpw`` bits per weight.
+
+    Candidates in the order llama.cpp's Q4_K_M favours them: the output projection (lm_head, or
+    the tied embedding), then v_proj and down_proj of the "more bits" layers, outermost first.
+    Each is taken while the whole model stays within the budget.
+    """
+    modules = [(p, m) for p, m in model.named_modules() if _quantizable(p, m, group_size)]
+    size = {p: m.weight.size for p, m in modules}
+    total_params = sum(v.size for _, v in nn.utils.tree_flatten(model.parameters()))
+    low, high = _affine_bpw(4, group_size), _affine_bpw(6, group_size)
+    bits = sum(size.values()) * low + (total_params - sum(size.values())) * 16
+    n_layers = len(getattr(model, "layers", []))
+    layers = sorted(
+        (i for i in range(n_layers) if _more_bits(i, n_layers)),
+        key=lambda i: min(i, n_layers - 1 - i),  # outermost layers first
+    )
+    out_proj = "lm_head" if "lm_head" in size else "model.embed_tokens"
+    candidates = [out_proj] + [
+        p
+        for i in layers
+        for p in size
+        if _LAYER.search(p + ".")
+        and int(_LAYER.search(p + ".").group(1)) == i
+        and p.endswith(("v_proj", "down_proj"))
+    ]
+    chosen = set()
+    for p in candidates:
+        extra = size.get(p, 0) * (high - low)
+        if p in size and (bits + extra) / total_params <= max_bpw:
+            chosen.add(p)
+            bits += extra
+    return chosen
+
+
 def make_predicate(
     recipe: str = "uniform",
     bits: int = 4,
     group_size: int = 64,
     mode: str = "affine",
-    n_layers: int = 0,
+    model: nn.Module | None = None,
+    max_bpw: float = 5.0,
 ) -> Predicate:
     """Build a quantization predicate.
 
     Args:
         recipe: ``uniform`` (every quantizable layer at ``bits``) or ``mixed_4_6`` (4-bit, with
-            lm_head and, in the layers Q4_K_M favours, v_proj and down_proj at 6 bits).
+            the output projection and, in the layers Q4_K_M favours, v_proj and down_proj at 6
+            bits, as far as ``max_bpw`` allows; needs ``model``).
         bits, group_size, mode: the default setting (``mode`` may be an MX format).
-        n_layers: decoder layer count (for ``mixed_4_6``).
+        model: the built (unquantized) model, for recipes that weigh layer sizes.
+        max_bpw: bits-per-weight budget of the mixed recipe (16-bit scales and biases).
     """
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
@@ -84,18 +127,14 @@ def make_predicate(
 
     if recipe == "uniform":
         return uniform
-
-    high = {"bits": 6, "group_size": group_size, "mode": "affine"}
+    if model is None:
+        raise ValueError("the mixed_4_6 recipe needs the model to weigh its layers")
+    upgraded = _mixed_upgrades(model, group_size, max_bpw)
 
     def mixed(path: str, module: nn.Module):
         if not _quantizable(path, module, group_size):
             return False
-        if path.endswith("lm_head"):
-            return dict(high)
-        m = _LAYER.search(path + ".")
-        if m and path.endswith(("v_proj", "down_proj")) and _more_bits(int(m.group(1)), n_layers):
-            return dict(high)
-        return {"bits": 4, "group_size": group_size, "mode": "affine"}
+        return {"bits": 6 if path in upgraded else 4, "group_size": group_size, "mode": "affine"}
 
     return mixed
 
@@ -171,3 +210,42 @@ def bits_per_weight(weights: dict[str, mx.array], qconfig: dict) -> float:
             params += v.size
         total_bits += v.nbytes * 8
     return total_bits / max(params, 1)
+
+
+def dequantize_model(model: nn.Module, dtype: mx.Dtype = mx.float32) -> nn.Module:
+    """Replace quantized layers by float layers holding the dequantized weights (in place).
+
+    The values are exactly what the quantized layer computes with (codes x scales + biases), so
+    evaluation results are unchanged up to summation order; on MLX's CPU backend the float path
+    uses BLAS and is much faster for long inputs.
+    """
+    replace = []
+    for path, m in model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            replace.append((path, m))
+    for path, m in replace:
+        w = mx.dequantize(
+            m.weight, m.scales, m.get("biases"), m.group_size, m.bits, mode=m.mode
+        ).astype(dtype)
+        if isinstance(m, nn.QuantizedLinear):
+            new = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
+            if "bias" in m:
+                new.bias = m.bias.astype(dtype)
+        else:
+            new = nn.Embedding(w.shape[0], w.shape[1])
+        new.weight = w
+        model.update_modules(_nested(path, new))
+    return model
+
+
+def _nested(path: str, module: nn.Module) -> dict:
+    """``"a.b.0.c"`` -> ``{"a": {"b": [..., {"c": module}]}}`` for ``update_modules``."""
+    tree: dict | list = module
+    for part in reversed(path.split(".")):
+        if part.isdigit():
+            lst = [{}] * (int(part) + 1)
+            lst[int(part)] = tree
+            tree = lst
+        else:
+            tree = {part: tree}
+    return tree
