@@ -155,7 +155,11 @@ def convert(
             for f in files:
                 weights = mx.load(str(f)) if f.suffix == ".safetensors" else _load_pickle(f)
                 weights = model.sanitize(dequant_fp8_weights(_pair_fp8_scales(weights, where)))
+                # kept-aside weights (DeepSeek-V3 MTP layers) pass through under their own names
+                aside = model.set_aside(weights) if hasattr(model, "set_aside") else {}
                 outputs = _plan(weights, modules, predicate, out_dtype, chosen)
+                outputs += [(k, _cast(v, out_dtype)) for k, v in sorted(aside.items())]
+                del aside
                 # Only the writer may hold these arrays: anything else that references one keeps
                 # its evaluated buffer (and the source tensor) alive for the whole shard.
                 del weights

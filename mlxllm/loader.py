@@ -168,6 +168,8 @@ def load_model(path: Path, dtype: mx.Dtype | None = None, lazy: bool = False) ->
     config = load_config(path)
     model = build_model(config)
     weights = model.sanitize(dequant_fp8_weights(load_weights(path)))
+    # weights a family keeps aside (DeepSeek-V3's MTP layers): held lazily, never evaluated here
+    aside = model.set_aside(weights) if hasattr(model, "set_aside") else {}
     if "quantization" in config:
         from mlxllm.quant import quantize_from_config
 
@@ -184,6 +186,7 @@ def load_model(path: Path, dtype: mx.Dtype | None = None, lazy: bool = False) ->
     if not lazy:
         mx.eval(model.parameters())  # read the weights now so the first token is not slow
     model.config.generation_config = config.get("_generation_config", {})
+    model.aside_weights = aside
     return model
 
 
