@@ -168,9 +168,7 @@ def convert(
                 while outputs:
                     writer.add(*outputs.pop())
                 writer.flush_shard()  # output shards follow source shards
-        weight_map = writer.close()
-        if len(set(weight_map.values())) > 1:
-            write_index(tmp, weight_map, writer.total_bytes)
+        write_index(tmp, writer.close(), writer.total_bytes)
 
         config.pop("quantization", None)
         config.pop("quantization_config", None)

@@ -56,6 +56,8 @@ def test_float_round_trip_is_exact_in_float32(hf, ref_logits, tmp_path):
     card = (out / "README.md").read_text()
     assert str(hf) in card and "float32" in card
     assert (out / "tokenizer.json").exists() and (out / "chat_template.jinja").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {"model.safetensors"}
     out16 = convert(hf, tmp_path / "bf16", progress=False)
     assert json.loads((out16 / "config.json").read_text())["torch_dtype"] == "bfloat16"
     # bfloat16 keeps ~3 significant digits
