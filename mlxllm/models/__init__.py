@@ -12,6 +12,11 @@ FAMILIES = {
     "mistral": "dense",
     "qwen2": "dense",
     "qwen3": "dense",
+    "deepseek": "deepseek",
+    "deepseek_v2": "deepseek",
+    "deepseek_v3": "deepseek",
+    "qwen2_moe": "moe",
+    "qwen3_moe": "moe",
 }
 
 

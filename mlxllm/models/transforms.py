@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import mlx.core as mx
+
+from mlxllm.errors import MlxllmError
 
 
 def dequant_fp8_blockwise(w: mx.array, scale_inv: mx.array, block: int = 128) -> mx.array:
@@ -35,4 +39,53 @@ def dequant_fp8_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
         wk = sk[: -len("_scale_inv")]
         if wk in out:
             out[wk] = dequant_fp8_blockwise(out[wk], out.pop(sk))
+    return out
+
+
+_EXPERT_KEY = re.compile(r"^(.*\.experts)\.(\d+)\.([^.]+)\.(weight|bias|scales|biases)$")
+
+
+def stack_experts(
+    weights: dict[str, mx.array],
+    n_experts: int | None = None,
+    names: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj"),
+) -> dict[str, mx.array]:
+    """Stack per-expert ``P.experts.{e}.{name}.{param}`` into ``P.experts.{name}.{param}``.
+
+    Without it ``SwitchLinear`` (one ``[n_experts, out, in]`` weight per projection) finds
+    ``n_experts`` unexpected keys per projection and the strict load fails. ``param`` covers
+    ``weight``/``bias`` and the ``scales``/``biases`` of quantized checkpoints. mlx-lm's stacked
+    layout (``P.switch_mlp.{name}.{param}``) is renamed to ``P.experts.{name}.{param}``. Weights
+    that are already stacked pass through unchanged.
+
+    Args:
+        weights: checkpoint tensors (lazy arrays stay lazy).
+        n_experts: experts per layer, when known; every group must then hold exactly that many.
+        names: the expert projections to stack; other per-expert tensors are left alone.
+
+    Returns:
+        A new dict. Raises ``MlxllmError`` when a group lacks some experts (a missing shard,
+        or a caller that passes one shard at a time while a layer's experts span two).
+    """
+    groups: dict[tuple[str, str, str], dict[int, str]] = {}
+    out = {}
+    for k, v in weights.items():
+        m = _EXPERT_KEY.match(k)
+        if m and m.group(3) in names:
+            prefix, e, name, param = m.groups()
+            groups.setdefault((prefix, name, param), {})[int(e)] = k
+        elif ".switch_mlp." in k and k.split(".switch_mlp.")[1].split(".")[0] in names:
+            out[k.replace(".switch_mlp.", ".experts.")] = v
+        else:
+            out[k] = v
+    for (prefix, name, param), by_expert in groups.items():
+        n = n_experts or max(by_expert) + 1
+        missing = sorted(set(range(n)) - set(by_expert))
+        if missing or len(by_expert) != n:
+            raise MlxllmError(
+                f"{prefix}.*.{name}.{param}: {len(by_expert)} of {n} experts present (missing "
+                f"{missing[:4]}{'...' if len(missing) > 4 else ''}); every expert of a layer "
+                "must be stacked at once"
+            )
+        out[f"{prefix}.{name}.{param}"] = mx.stack([weights[by_expert[e]] for e in range(n)])
     return out

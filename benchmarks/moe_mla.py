@@ -1,0 +1,222 @@
+"""MoE / MLA decode speed: mlxllm against mlx-lm on random-weight real configs, side by side.
+
+For each config (DeepSeek-V2-Lite, Qwen1.5-MoE-A2.7B by default) and each context length, each
+runtime runs in its own subprocess: it builds the model from the config with random weights,
+fills its KV cache to the context length with random contents (the values do not change the
+speed; this skips a long prefill), then times greedy decode steps. It reports decode tok/s,
+the KV-cache bytes at that context and peak memory, and the mlxllm / mlx-lm ratios.
+
+On the CPU use fewer layers (``--layers 2``) and shorter contexts; on a GPU run the full
+configs::
+
+    python benchmarks/moe_mla.py --layers 2 --contexts 512 8192 --gen 8      # CPU
+    python benchmarks/moe_mla.py --contexts 512 8192 32768                    # GPU, full depth
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results" / "moe_mla.json"
+
+# Published config.json values (random weights are generated from them).
+CONFIGS = {
+    "deepseek-v2-lite": {
+        "model_type": "deepseek_v2",
+        "vocab_size": 102400,
+        "hidden_size": 2048,
+        "intermediate_size": 10944,
+        "moe_intermediate_size": 1408,
+        "num_hidden_layers": 27,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "n_shared_experts": 2,
+        "n_routed_experts": 64,
+        "num_experts_per_tok": 6,
+        "routed_scaling_factor": 1.0,
+        "kv_lora_rank": 512,
+        "q_lora_rank": None,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 128,
+        "qk_nope_head_dim": 128,
+        "topk_method": "greedy",
+        "n_group": 1,
+        "topk_group": 1,
+        "moe_layer_freq": 1,
+        "first_k_dense_replace": 1,
+        "norm_topk_prob": False,
+        "scoring_func": "softmax",
+        "max_position_embeddings": 163840,
+        "rope_theta": 10000,
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 40,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+        },
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+    },
+    "qwen1.5-moe-a2.7b": {
+        "model_type": "qwen2_moe",
+        "vocab_size": 151936,
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "num_experts": 60,
+        "num_experts_per_tok": 4,
+        "norm_topk_prob": False,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "max_position_embeddings": 8192,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+    },
+}
+
+
+def _build(tool: str, config: dict):
+    import mlx.core as mx
+
+    if tool == "mlxllm":
+        from mlxllm.models import build_model
+
+        model = build_model(config)
+        caches = model.make_cache()
+    else:
+        import importlib
+
+        mod = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+        model = mod.Model(mod.ModelArgs.from_dict(config))
+        caches = model.make_cache() if hasattr(model, "make_cache") else None
+        if caches is None:
+            from mlx_lm.models.cache import make_prompt_cache
+
+            caches = make_prompt_cache(model)
+    return model, caches, mx
+
+
+def _fill(caches, context: int, mx) -> None:
+    """Grow every layer cache to ``context`` positions of random contents."""
+    for c in caches:
+        if hasattr(c, "rank"):  # mlxllm LatentCache: one [c_kv | k_pe] buffer
+            B, _, _, width = c.joint.shape
+            n = context - c.offset
+            lat = mx.random.normal((B, 1, n, width)).astype(c.joint.dtype)
+            c.update_and_fetch(lat[..., : c.rank], lat[..., c.rank :])
+        else:  # plain K/V caches (mlxllm and mlx-lm)
+            k, v = c.state[0], c.state[1]
+            n = context - c.offset
+            shape_k = (*k.shape[:2], n, k.shape[3])
+            shape_v = (*v.shape[:2], n, v.shape[3])
+            c.update_and_fetch(
+                mx.random.normal(shape_k).astype(k.dtype), mx.random.normal(shape_v).astype(v.dtype)
+            )
+        mx.eval(c.state)
+
+
+def worker(tool: str, name: str, layers: int | None, context: int, gen: int, dtype: str) -> dict:
+    config = dict(CONFIGS[name])
+    if layers:
+        config["num_hidden_layers"] = layers
+    model, caches, mx = _build(tool, config)
+    model.set_dtype(getattr(mx, dtype))
+    mx.eval(model.parameters())
+    y = mx.array([[1]])
+    mx.eval(model(y, cache=caches))  # one real step creates every cache with its real shapes
+    _fill(caches, context, mx)
+    kv_bytes = sum(a.nbytes for c in caches for a in c.state)
+    y = mx.array([[2]])
+    for _ in range(2):  # warm-up
+        y = mx.argmax(model(y, cache=caches)[:, -1:], axis=-1)
+        mx.eval(y)
+    mx.reset_peak_memory()
+    t = time.perf_counter()
+    for _ in range(gen):
+        y = mx.argmax(model(y, cache=caches)[:, -1:], axis=-1)
+        mx.eval(y)
+    dt = time.perf_counter() - t
+    return {
+        "decode_tps": gen / dt,
+        "kv_bytes": kv_bytes,
+        "kv_bytes_per_token": kv_bytes / context,
+        "peak_gb": mx.get_peak_memory() / 1e9,
+        "device": str(mx.default_device()),
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    ap.add_argument("--contexts", nargs="*", type=int, default=[512, 8192])
+    ap.add_argument("--layers", type=int, default=None, help="cut every config to N layers")
+    ap.add_argument("--gen", type=int, default=16)
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
+    ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        tool, name, layers, context, dtype = args.worker
+        res = worker(tool, name, int(layers) or None, int(context), args.gen, dtype)
+        print(json.dumps(res))
+        return
+    if args.dtype is None:
+        import mlx.core as mx
+
+        args.dtype = "bfloat16" if mx.default_device() == mx.gpu else "float32"
+    rows = []
+    for name in args.configs:
+        for ctx in args.contexts:
+            row = {"config": name, "context": ctx}
+            for tool in ("mlxllm", "mlx-lm"):
+                cmd = [sys.executable, __file__, "--gen", str(args.gen), "--worker", tool, name]
+                cmd += [str(args.layers or 0), str(ctx), args.dtype]
+                r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+                if r.returncode != 0:
+                    row[tool] = {"error": r.stderr.strip().splitlines()[-1][:200]}
+                else:
+                    row[tool] = json.loads(r.stdout.strip().splitlines()[-1])
+            a, b = row["mlxllm"], row["mlx-lm"]
+            if "error" not in a and "error" not in b:
+                row["decode_ratio"] = a["decode_tps"] / b["decode_tps"]
+                row["kv_ratio"] = a["kv_bytes"] / b["kv_bytes"]
+            rows.append(row)
+            print(json.dumps(row))
+    lines = [
+        f"layers: {args.layers or 'full'}, dtype {args.dtype}, {args.gen} decode steps",
+        "| config | context | mlxllm tok/s | mlx-lm tok/s | ratio | mlxllm KV MB | mlx-lm KV MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        a, b = r["mlxllm"], r["mlx-lm"]
+
+        def f(x, k, scale=1.0, spec=".2f"):
+            return "error" if "error" in x else format(x[k] / scale, spec)
+
+        ratio = f"{r['decode_ratio']:.2f}" if "decode_ratio" in r else "-"
+        lines.append(
+            f"| {r['config']} | {r['context']} | {f(a, 'decode_tps')} | {f(b, 'decode_tps')} | "
+            f"{ratio} | {f(a, 'kv_bytes', 1e6, '.1f')} | {f(b, 'kv_bytes', 1e6, '.1f')} |"
+        )
+    print("\n".join(lines))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

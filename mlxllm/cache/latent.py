@@ -1,0 +1,72 @@
+"""Latent cache for multi-head latent attention (DeepSeek-V2/V3 MLA).
+
+Per position it stores only the normalized latent ``c_kv[kv_lora_rank]`` and the roped shared
+key ``k_pe[qk_rope_head_dim]``, never per-head K/V: ``(r + dr) * dtype_size`` bytes per
+position and layer (DeepSeek-V2-Lite: 576 * 2 = 1152 bytes in bf16, against 16 heads *
+(192 + 128) * 2 = 10240 bytes for an expanded K/V cache).
+
+Both live in one buffer ``[B, 1, capacity, r + dr]``: the absorbed decode attends over
+``[c_kv, k_pe]`` as keys and ``c_kv`` as values, which are then views of that buffer (no
+concatenation of the whole cache per step).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+class LatentCache:
+    """Cache protocol (``offset``, ``update_and_fetch``, ``state``, ``trim``) over the latent.
+
+    Grows in blocks of ``step`` positions, like ``KVCache``.
+    """
+
+    step = 256
+
+    def __init__(self):
+        self.buffer: mx.array | None = None  # [B, 1, capacity, r + dr]
+        self.rank = 0  # r: where c_kv ends and k_pe starts in the last axis
+        self.offset = 0
+
+    def update_and_fetch(self, c_kv: mx.array, k_pe: mx.array) -> tuple[mx.array, mx.array]:
+        """Append ``c_kv[B, 1, L, r]`` and ``k_pe[B, 1, L, dr]``; return all stored
+        ``c_kv[B, 1, offset + L, r]`` and ``k_pe[B, 1, offset + L, dr]``."""
+        B, _, L, r = c_kv.shape
+        need = self.offset + L
+        if self.buffer is None or need > self.buffer.shape[2]:
+            n_new = ((need + self.step - 1) // self.step) * self.step
+            grow = n_new - (0 if self.buffer is None else self.buffer.shape[2])
+            block = mx.zeros((B, 1, grow, r + k_pe.shape[-1]), c_kv.dtype)
+            if self.buffer is None:
+                self.buffer, self.rank = block, r
+            else:
+                # drop the unused tail before growing so the buffer stays [0, offset) + block
+                self.buffer = mx.concatenate([self.buffer[:, :, : self.offset], block], axis=2)
+        self.buffer[:, :, self.offset : need, :r] = c_kv
+        self.buffer[:, :, self.offset : need, r:] = k_pe
+        self.offset = need
+        return self.buffer[:, :, :need, :r], self.buffer[:, :, :need, r:]
+
+    @property
+    def joint(self) -> mx.array:
+        """``[c_kv, k_pe]`` of all stored positions, ``[B, 1, offset, r + dr]``."""
+        return self.buffer[:, :, : self.offset]
+
+    @property
+    def state(self) -> list[mx.array]:
+        if self.buffer is None:
+            return []
+        return [self.joint]
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held for ``offset`` positions: ``B * offset * (r + dr) * dtype_size``."""
+        if self.buffer is None:
+            return 0
+        B, _, _, width = self.buffer.shape
+        return B * self.offset * width * self.buffer.dtype.size

@@ -1,0 +1,247 @@
+"""Multi-head latent attention (MLA): DeepSeek-V2 / V3.
+
+Keys and values of every head are linear functions of one shared, normalized latent
+``c_kv[kv_lora_rank]`` per position, plus one shared rotary key ``k_pe[qk_rope_head_dim]``:
+
+    k_h = [W_UK_h c_kv, k_pe],  v_h = W_UV_h c_kv      (W_UK, W_UV: rows of ``kv_b_proj``)
+
+so the cache holds only ``c_kv`` and ``k_pe`` (``LatentCache``). Attention is computed in one of
+two equivalent forms, both reading that cache:
+
+- absorbed (decode, short inputs): ``W_UK`` is folded into the query and ``W_UV`` applied after
+  attention, so all heads attend over the single latent "KV head" ``[c_kv, k_pe]``;
+- expanded (long prefill): per-head ``k_nope``/``v`` are rebuilt from the latent by
+  ``kv_b_proj`` and attention is ordinary multi-head attention.
+
+The choice is a cost model (``absorb_max_len``): absorbed attention does more work per
+(query, key) pair (``2 * kv_lora_rank + rope`` vs ``nope + rope + v``) but skips the expansion
+(``kv_lora_rank * (nope + v)`` per key and head). Long inputs are processed in query chunks so
+that scores are ``heads x chunk x S``, never ``heads x L x S``.
+
+References: DeepSeek-V2 (arXiv:2405.04434) section 2.1 and appendix C (absorption);
+HF ``transformers/models/deepseek_v2/modeling_deepseek_v2.py`` for the parameter names.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxllm.layers.rope import RoPE
+
+# q_a_layernorm / kv_a_layernorm use the reference's default eps, not the config's rms_norm_eps
+LATENT_NORM_EPS = 1e-6
+
+
+def chunked_attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    scale: float,
+    mask: str | mx.array | None,
+    max_score_elems: int,
+) -> mx.array:
+    """``scaled_dot_product_attention`` over query chunks of at most ``max_score_elems`` scores.
+
+    Args:
+        q: ``[B, n_heads, L, d]``; the queries are the last ``L`` positions of the keys.
+        k, v: ``[B, n_kv_heads, S, d]`` / ``[B, n_kv_heads, S, dv]``, ``n_heads % n_kv_heads == 0``.
+        scale: softmax scale.
+        mask: ``"causal"`` (query ``i`` sees keys ``[0, S - L + i]``), ``None`` or an additive /
+            boolean array broadcastable to ``[B, n_heads, L, S]``.
+        max_score_elems: bound on ``B * n_heads * chunk * S`` (one chunk's score tensor).
+
+    Returns:
+        ``[B, n_heads, L, dv]``.
+    """
+    B, H, L, _ = q.shape
+    S = k.shape[2]
+    chunk = max(1, max_score_elems // (B * H * S))
+    if L <= chunk:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    outs = []
+    for i0 in range(0, L, chunk):
+        i1 = min(i0 + chunk, L)
+        kc, vc, m = k, v, mask
+        if isinstance(mask, str):
+            # causal: this chunk sees no key past its last query, so drop those keys; the fused
+            # causal mask then aligns the chunk to the end of the shortened key range
+            end = S - L + i1
+            kc, vc = k[:, :, :end], v[:, :, :end]
+            m = mask if i1 - i0 > 1 else None
+        elif mask is not None:
+            m = mask[..., i0:i1, :] if mask.shape[-2] == L else mask
+        o = mx.fast.scaled_dot_product_attention(q[:, :, i0:i1], kc, vc, scale=scale, mask=m)
+        # evaluate chunk by chunk: left lazy, the backend allocates the scores of several chunks
+        # ahead of computing them (measured: 2-3x the peak at S = 4096, even with mx.depends
+        # chaining the chunks), which is the memory that chunking is meant to save
+        mx.eval(o)
+        outs.append(o)
+    return mx.concatenate(outs, axis=2)
+
+
+def absorb_max_len_for(kv_lora_rank: int, qk_nope_head_dim: int, v_head_dim: int) -> int:
+    """Longest input for which the absorbed form costs fewer multiply-adds than the expanded one.
+
+    Per (query, key, head): absorbed ``2r + dr`` vs expanded ``nope + dr + v``; the expanded form
+    also pays ``r * (nope + v)`` per (key, head) to rebuild K/V. With ``L`` queries absorbed is
+    cheaper while ``L * (2r - nope - v) < r * (nope + v)``; DeepSeek-V2(-Lite): L < 171.
+    """
+    r, extra = kv_lora_rank, 2 * kv_lora_rank - qk_nope_head_dim - v_head_dim
+    if extra <= 0:
+        return 1 << 30  # absorbed is never more expensive
+    return (r * (qk_nope_head_dim + v_head_dim)) // extra
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention; parameter names are the HF checkpoint's.
+
+    Args:
+        dim: model width.
+        n_heads: attention heads.
+        kv_lora_rank: latent width ``r`` (what the cache stores per position, with ``dr``).
+        qk_nope_head_dim, qk_rope_head_dim, v_head_dim: per-head sizes (``dr`` = rope dims).
+        rope: RoPE over ``qk_rope_head_dim`` features (interleaved for DeepSeek checkpoints);
+            applied to ``q_pe`` and ``k_pe`` only, since it multiplies its input by YaRN's
+            attention factor.
+        q_lora_rank: low-rank query (``q_a_proj -> q_a_layernorm -> q_b_proj``); ``None`` for a
+            plain ``q_proj`` (DeepSeek-V2-Lite).
+        softmax_scale: defaults to ``(nope + dr) ** -0.5``; DeepSeek's YaRN correction is the
+            caller's (it reads the config).
+        bias: bias on ``q_a_proj``, ``kv_a_proj_with_mqa`` and ``o_proj`` (``attention_bias``).
+        absorb_max_len: inputs up to this length use the absorbed form (default: by cost).
+        max_score_elems: bound on one query chunk's score tensor (elements).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        kv_lora_rank: int,
+        qk_nope_head_dim: int,
+        qk_rope_head_dim: int,
+        v_head_dim: int,
+        rope: RoPE,
+        q_lora_rank: int | None = None,
+        softmax_scale: float | None = None,
+        bias: bool = False,
+        absorb_max_len: int | None = None,
+        max_score_elems: int = 1 << 25,
+    ):
+        super().__init__()
+        self.n_heads = n_heads
+        self.kv_lora_rank = kv_lora_rank
+        self.qk_nope_head_dim = qk_nope_head_dim
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.v_head_dim = v_head_dim
+        qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
+        self.scale = softmax_scale if softmax_scale is not None else qk_head_dim**-0.5
+        if absorb_max_len is None:
+            absorb_max_len = absorb_max_len_for(kv_lora_rank, qk_nope_head_dim, v_head_dim)
+        self.absorb_max_len = absorb_max_len
+        self.max_score_elems = max_score_elems
+
+        if q_lora_rank is None:
+            self.q_proj = nn.Linear(dim, n_heads * qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(dim, q_lora_rank, bias=bias)
+            self.q_a_layernorm = nn.RMSNorm(q_lora_rank, eps=LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(q_lora_rank, n_heads * qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(dim, kv_lora_rank + qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = nn.RMSNorm(kv_lora_rank, eps=LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(
+            kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(n_heads * v_head_dim, dim, bias=bias)
+        self.rope = rope
+
+    # ---- projections -------------------------------------------------------------------------
+
+    def _queries(self, x: mx.array, offset: int) -> tuple[mx.array, mx.array]:
+        B, L, _ = x.shape
+        if "q_proj" in self:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        # [B, L, heads * (nope + dr)] -> [B, heads, L, nope + dr]
+        q = q.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        q_nope, q_pe = mx.split(q, [self.qk_nope_head_dim], axis=-1)
+        return q_nope, self.rope(q_pe, offset)
+
+    def latent(self, x: mx.array, offset: int) -> tuple[mx.array, mx.array]:
+        """``x[B, L, dim]`` -> latent ``c_kv[B, 1, L, r]`` (normalized), ``k_pe[B, 1, L, dr]``
+        (roped)."""
+        B, L, _ = x.shape
+        c_kv, k_pe = mx.split(self.kv_a_proj_with_mqa(x), [self.kv_lora_rank], axis=-1)
+        c_kv = self.kv_a_layernorm(c_kv).reshape(B, 1, L, self.kv_lora_rank)
+        k_pe = k_pe.reshape(B, 1, L, self.qk_rope_head_dim)
+        return c_kv, self.rope(k_pe, offset)
+
+    def _kv_b_weights(self) -> tuple[mx.array, mx.array]:
+        """``W_UK[heads, nope, r]`` and ``W_UV[heads, v, r]`` from ``kv_b_proj``."""
+        lin = self.kv_b_proj
+        if isinstance(lin, nn.QuantizedLinear):
+            w = mx.dequantize(
+                lin.weight,
+                lin.scales,
+                lin.get("biases"),
+                group_size=lin.group_size,
+                bits=lin.bits,
+                mode=lin.mode,
+            )
+        else:
+            w = lin.weight
+        w = w.reshape(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
+
+    # ---- the two attention forms ---------------------------------------------------------------
+
+    def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, kv=None) -> mx.array:
+        """Attention with ``W_UK``/``W_UV`` absorbed: one shared latent KV head.
+
+        Args:
+            q_nope ``[B, H, L, nope]``, q_pe ``[B, H, L, dr]``; c_kv ``[B, 1, S, r]``,
+            k_pe ``[B, 1, S, dr]``; ``kv``: optional ``[c_kv, k_pe]`` already joined.
+
+        Returns:
+            ``[B, H, L, v]``.
+        """
+        w_uk, w_uv = self._kv_b_weights()
+        q_lat = q_nope @ w_uk.astype(q_nope.dtype)  # [B, H, L, nope] @ [H, nope, r] -> [.., r]
+        q = mx.concatenate([q_lat, q_pe], axis=-1)  # [B, H, L, r + dr]
+        if kv is None:
+            kv = mx.concatenate([c_kv, k_pe], axis=-1)  # [B, 1, S, r + dr]
+        o_lat = chunked_attention(q, kv, c_kv, self.scale, mask, self.max_score_elems)
+        # [B, H, L, r] @ [H, r, v] -> [B, H, L, v]
+        return o_lat @ w_uv.astype(o_lat.dtype).swapaxes(-1, -2)
+
+    def attend_expanded(self, q_nope, q_pe, c_kv, k_pe, mask) -> mx.array:
+        """Ordinary multi-head attention on per-head K/V rebuilt from the latent.
+
+        Same arguments and result as ``attend_absorbed``.
+        """
+        B, H, L, _ = q_nope.shape
+        S = c_kv.shape[2]
+        kv = self.kv_b_proj(c_kv[:, 0])  # [B, S, H * (nope + v)]
+        kv = kv.reshape(B, S, H, -1).transpose(0, 2, 1, 3)  # [B, H, S, nope + v]
+        k_nope, v = mx.split(kv, [self.qk_nope_head_dim], axis=-1)
+        k_pe = mx.broadcast_to(k_pe, (B, H, S, self.qk_rope_head_dim))
+        k = mx.concatenate([k_nope, k_pe], axis=-1)  # [B, H, S, nope + dr]
+        q = mx.concatenate([q_nope, q_pe], axis=-1)
+        return chunked_attention(q, k, v, self.scale, mask, self.max_score_elems)
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        """``x[B, L, dim]`` -> ``[B, L, dim]``; ``cache``: a ``LatentCache`` or None."""
+        B, L, _ = x.shape
+        offset = cache.offset if cache is not None else 0
+        q_nope, q_pe = self._queries(x, offset)
+        c_kv, k_pe = self.latent(x, offset)
+        kv = None
+        if cache is not None:
+            c_kv, k_pe = cache.update_and_fetch(c_kv, k_pe)
+            kv = cache.joint  # the cache's single buffer: no concatenation per decode step
+        if L <= self.absorb_max_len:
+            o = self.attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask, kv)
+        else:
+            o = self.attend_expanded(q_nope, q_pe, c_kv, k_pe, mask)
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))

@@ -1,0 +1,207 @@
+"""Qwen mixture-of-experts decoders: dense Qwen blocks whose MLP is routed over experts.
+
+- Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B: ``qwen2_moe`` — qkv bias; every sparse MLP also runs a
+  shared SwiGLU expert (``shared_expert_intermediate_size``) scaled by a sigmoid gate
+  (``shared_expert_gate``, a ``dim -> 1`` linear).
+- Qwen3-30B-A3B, Qwen3-235B-A22B: ``qwen3_moe`` — RMSNorm on q and k per head, explicit
+  ``head_dim``, no qkv bias, no shared expert.
+
+Both: layer ``i`` is sparse unless ``i`` is in ``mlp_only_layers`` or
+``(i + 1) % decoder_sparse_step != 0`` (then a dense SwiGLU of ``intermediate_size``). The
+router ``mlp.gate`` (``dim -> num_experts``, kept in full precision) picks
+``num_experts_per_tok`` experts by softmax, renormalized if ``norm_topk_prob``. ``rope_scaling``
+(YaRN for long context) is honoured as in the dense families.
+
+Block: ``h = x + attn(norm(x)); out = h + moe(norm(h))`` with
+``moe(x) = sum_k w_k * expert_k(x) [+ sigmoid(g . x) * shared(x)]``.
+References: Qwen1.5-MoE blog (2024); Qwen2 technical report (arXiv:2407.10671); Qwen3 technical
+report (arXiv:2505.09388); transformers ``modeling_qwen2_moe.py`` / ``modeling_qwen3_moe.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxllm.cache import make_kv_caches
+from mlxllm.layers.attention import Attention
+from mlxllm.layers.mlp import SwiGLU
+from mlxllm.layers.moe import SwitchGLU, softmax_topk
+from mlxllm.layers.rope import RoPE
+from mlxllm.models.base import BaseConfig, attention_mask
+from mlxllm.models.transforms import stack_experts
+
+
+@dataclasses.dataclass
+class MoeConfig(BaseConfig):
+    hidden_size: int = 2048
+    num_hidden_layers: int = 24
+    intermediate_size: int = 5632  # dense MLP layers (mlp_only_layers / decoder_sparse_step)
+    num_attention_heads: int = 16
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    vocab_size: int = 151936
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = True  # qwen2_moe field (absent from older configs, which all have the bias)
+    attention_bias: bool = False  # qwen3_moe field: bias on q, k, v and o
+    # experts
+    num_experts: int = 60
+    num_local_experts: int | None = None  # transformers 5 writes qwen3_moe's num_experts so
+    num_experts_per_tok: int = 4
+    moe_intermediate_size: int = 1408
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] | None = None
+    shared_expert_intermediate_size: int | None = None  # qwen2_moe only
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.mlp_only_layers = list(self.mlp_only_layers or [])
+        if self.num_local_experts is not None:
+            self.num_experts = self.num_local_experts
+        if self.model_type == "qwen2_moe" and self.shared_expert_intermediate_size is None:
+            self.shared_expert_intermediate_size = 5632  # Qwen2MoeConfig's default
+
+    # Variants as fields derived from model_type (HF configs do not spell them out).
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.qkv_bias if self.model_type == "qwen2_moe" else self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        return self.model_type == "qwen3_moe" and self.attention_bias
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.model_type == "qwen3_moe"
+
+    @property
+    def shared_expert_size(self) -> int:
+        return self.shared_expert_intermediate_size if self.model_type == "qwen2_moe" else 0
+
+    def is_sparse(self, layer: int) -> bool:
+        return (
+            layer not in self.mlp_only_layers
+            and self.num_experts > 0
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
+
+
+class SparseMoeBlock(nn.Module):
+    """Top-k routed SwiGLU experts plus an optional sigmoid-gated shared expert."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        n_experts: int,
+        k: int,
+        norm_topk_prob: bool,
+        shared_hidden_dim: int = 0,
+    ):
+        super().__init__()
+        self.k, self.norm_topk_prob = k, norm_topk_prob
+        self.gate = nn.Linear(dim, n_experts, bias=False)  # router: stays full precision
+        self.experts = SwitchGLU(dim, hidden_dim, n_experts)
+        if shared_hidden_dim:
+            self.shared_expert = SwiGLU(dim, shared_hidden_dim)
+            self.shared_expert_gate = nn.Linear(dim, 1, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        indices, weights = softmax_topk(self.gate(x), self.k, self.norm_topk_prob)  # [B, L, k]
+        y = self.experts(x, indices)  # [B, L, k, D]
+        y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+        if "shared_expert" in self:
+            y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return y
+
+
+class Block(nn.Module):
+    def __init__(self, c: MoeConfig, layer: int):
+        super().__init__()
+        rope = RoPE(c.head_dim, c.rope_theta, c.rope_scaling)
+        self.self_attn = Attention(
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            rope,
+            qkv_bias=c.has_qkv_bias,
+            o_bias=c.o_bias,
+            qk_norm_eps=c.rms_norm_eps if c.qk_norm else None,
+        )
+        if c.is_sparse(layer):
+            self.mlp = SparseMoeBlock(
+                c.hidden_size,
+                c.moe_intermediate_size,
+                c.num_experts,
+                c.num_experts_per_tok,
+                c.norm_topk_prob,
+                c.shared_expert_size,
+            )
+        else:
+            self.mlp = SwiGLU(c.hidden_size, c.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+
+    def __call__(self, x, mask=None, cache=None):
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    def __init__(self, c: MoeConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = [Block(c, i) for i in range(c.num_hidden_layers)]
+        self.norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+
+    def __call__(self, ids: mx.array, cache=None) -> mx.array:
+        h = self.embed_tokens(ids)
+        cache = cache or [None] * len(self.layers)
+        mask = attention_mask(ids.shape[1], cache[0].offset if cache[0] is not None else 0)
+        for layer, c in zip(self.layers, cache, strict=False):
+            h = layer(h, mask, c)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """``model(ids[B, L], cache=None) -> logits[B, L, vocab]``."""
+
+    config_class = MoeConfig
+
+    def __init__(self, config: MoeConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def __call__(self, ids: mx.array, cache=None) -> mx.array:
+        h = self.model(ids, cache)
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def sanitize(self, weights: dict) -> dict:
+        # inv_freq is recomputed from the config; a tied lm_head would be an unexpected key
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.config.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        return stack_experts(weights, self.config.num_experts)
+
+    def make_cache(self):
+        return make_kv_caches(len(self.model.layers))

@@ -1,0 +1,361 @@
+"""DeepSeek families through our real loader against reference implementations.
+
+- ``deepseek_v2`` / ``deepseek_v3``: tiny random transformers checkpoints (float32,
+  ``save_pretrained``), oracle = transformers' own modeling code (torch CPU).
+- ``deepseek`` (DeepSeekMoE 16B; not in transformers): oracle = mlx-lm's ``deepseek`` model,
+  whose random weights we save in the Hugging Face layout (one tensor per expert).
+- V3 multi-token-prediction layers: set aside by the loader, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+from mlxllm.generation.step import generate_step
+from mlxllm.loader import load_model
+from mlxllm.models import deepseek
+
+VOCAB, N_GREEDY = 512, 32
+
+# 3 layers: the first dense (first_k_dense_replace = 1), two MoE; 8 routed experts in 4 groups
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    vocab_size=VOCAB,
+    kv_lora_rank=32,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    v_head_dim=16,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    max_position_embeddings=128,  # = factor * original_max_position_embeddings (YaRN)
+    rms_norm_eps=1e-6,
+)
+# DeepSeek-V3's YaRN keys, scaled down so that positions pass the original context of 32;
+# mscale != mscale_all_dim so that YaRN's attention factor is not 1 (V3 itself has them equal)
+YARN = dict(
+    rope_type="yarn",
+    rope_theta=10000.0,
+    factor=4.0,
+    original_max_position_embeddings=32,
+    mscale=1.0,
+    mscale_all_dim=0.707,
+    beta_fast=32,
+    beta_slow=1,
+)
+VARIANTS = {
+    # V2-Lite layout: no query LoRA, greedy routing
+    "v2-lite": dict(model_type="deepseek_v2", q_lora_rank=None, topk_method="greedy"),
+    # V2: query LoRA, device-limited routing (2 of 4 groups)
+    "v2-glg": dict(
+        model_type="deepseek_v2",
+        q_lora_rank=24,
+        topk_method="group_limited_greedy",
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=1.5,
+    ),
+    # V3: noaux_tc with a non-zero correction bias, 4 groups, YaRN
+    "v3-yarn": dict(
+        model_type="deepseek_v3",
+        q_lora_rank=24,
+        n_group=4,
+        topk_group=2,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        rope_parameters=YARN,
+        num_nextn_predict_layers=0,
+    ),
+    # V3 with rotate-half RoPE (rope_interleave = False)
+    "v3-rotate-half": dict(
+        model_type="deepseek_v3",
+        q_lora_rank=24,
+        n_group=4,
+        topk_group=2,
+        rope_interleave=False,
+        num_nextn_predict_layers=0,
+    ),
+}
+
+
+def make_tiny_deepseek(variant: str, out: Path, seed: int = 0, **overrides):
+    """Save a random float32 transformers DeepSeek-V2/V3; returns the torch model (eval mode)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = {**COMMON, **VARIANTS[variant], **overrides}
+    cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        # random init is tiny; widen (std 0.1) so logits and routing are far from uniform
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.1)
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.normal_(0, 0.1)  # HF initializes it to zeros: then it would prove nothing
+    model.save_pretrained(out, safe_serialization=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    out = {}
+    for i, variant in enumerate(VARIANTS):
+        folder = tmp_path_factory.mktemp(variant)
+        out[variant] = (make_tiny_deepseek(variant, folder, seed=i), folder)
+    return out
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(0, VOCAB, n).tolist()
+
+
+def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Greedy tokens by full recompute in transformers (no cache: the plainest reference)."""
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(ids) :]
+
+
+def _set_form(model, form: str):
+    for layer in model.layers:
+        if form == "absorbed":
+            layer.self_attn.absorb_max_len = 1 << 30
+        elif form == "expanded":
+            layer.self_attn.absorb_max_len = 0
+
+
+@pytest.mark.parametrize("form", ["by-cost", "absorbed", "expanded"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logits_match_transformers(checkpoints, variant, form):
+    hf_model, folder = checkpoints[variant]
+    model = load_model(folder, dtype=mx.float32)
+    _set_form(model, form)
+    ids = _ids(56, 1)  # 56 positions: past YaRN's original context of 32
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([ids])).logits[0].numpy()
+    ours = np.array(model(mx.array([ids]))[0])
+    diff = np.abs(ours - ref)
+    print(f"{variant}/{form}: max |diff| {diff.max():.2e}, mean {diff.mean():.2e}")
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_greedy_matches_transformers(checkpoints, variant):
+    hf_model, folder = checkpoints[variant]
+    model = load_model(folder, dtype=mx.float32)
+    ids = _ids(24, 2)  # 24 + 32 generated = 56 positions
+    want = _hf_greedy(hf_model, ids, N_GREEDY)
+    got = list(generate_step(model, ids, model.make_cache(), max_tokens=N_GREEDY))
+    assert got == want
+    assert len(set(got)) > 3  # not a degenerate repeat of one token
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cached_decode_equals_full_recompute(checkpoints, variant):
+    _, folder = checkpoints[variant]
+    model = load_model(folder, dtype=mx.float32)
+    ids = _ids(56, 3)
+    full = np.array(model(mx.array([ids]))[0])
+    cache = model.make_cache()
+    assert all(type(c).__name__ == "LatentCache" for c in cache)
+    # absorbed up to 32 inputs here (r = 32, nope = v = 16): prefill 9 and a chunk of 5
+    # (absorbed), a chunk of 34 (expanded, reading the cache), then single steps (absorbed)
+    assert model.layers[0].self_attn.absorb_max_len == 32
+    chunks = [(0, 9), (9, 14), (14, 48)] + [(i, i + 1) for i in range(48, 56)]
+    pieces = [model(mx.array([ids[a:b]]), cache=cache) for a, b in chunks]
+    stepped = np.concatenate([np.array(p[0]) for p in pieces])
+    assert cache[0].offset == len(ids)
+    diff = np.abs(stepped - full).max()
+    print(f"{variant}: cached vs full recompute max |diff| {diff:.2e}")
+    np.testing.assert_allclose(stepped, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["v2-lite", "v2-glg", "v3-yarn"])
+def test_routing_spreads_over_experts(checkpoints, variant, monkeypatch):
+    """Parity would be weak if every token went to the same two experts."""
+    _, folder = checkpoints[variant]
+    model = load_model(folder, dtype=mx.float32)
+    chosen = []
+    call = deepseek.Router.__call__
+
+    def spy(self, x):
+        indices, weights = call(self, x)
+        chosen.append(np.array(indices).reshape(-1, indices.shape[-1]))
+        return indices, weights
+
+    monkeypatch.setattr(deepseek.Router, "__call__", spy)
+    model(mx.array([_ids(48, 4)]))
+    assert len(chosen) == 2  # the two MoE layers
+    for layer_choice in chosen:
+        used = np.unique(layer_choice)
+        print(f"{variant}: experts used {used.tolist()}")
+        assert len(used) >= 6  # of 8
+        if variant == "v2-glg" or variant == "v3-yarn":
+            # group-limited: each token's experts lie in at most topk_group = 2 of 4 groups
+            groups = layer_choice // 2
+            assert all(len(set(g)) <= 2 for g in groups)
+
+
+@pytest.mark.parametrize("ablation", ["no-rope-scaling", "no-correction-bias", "no-mscale"])
+def test_v3_features_are_exercised(checkpoints, ablation):
+    """Dropping a feature must break parity, or the V3 test above proves nothing about it."""
+    hf_model, folder = checkpoints["v3-yarn"]
+    model = load_model(folder, dtype=mx.float32)
+    if ablation == "no-rope-scaling":
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": YARN["rope_theta"]}
+        from mlxllm.models import build_model
+
+        plain = build_model(cfg)
+        # (the loader's aside_weights dict shows up among parameters(); take the model's own)
+        plain.update({k: v for k, v in model.parameters().items() if k != "aside_weights"})
+        model = plain
+    for layer in model.layers:
+        if ablation == "no-correction-bias" and "gate" in layer.mlp:
+            layer.mlp.gate.e_score_correction_bias = mx.zeros_like(
+                layer.mlp.gate.e_score_correction_bias
+            )
+        if ablation == "no-mscale":
+            layer.self_attn.scale = (
+                COMMON["qk_nope_head_dim"] + COMMON["qk_rope_head_dim"]
+            ) ** -0.5
+    ids = _ids(56, 1)
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([ids])).logits[0].numpy()
+    ours = np.array(model(mx.array([ids]))[0])
+    assert np.abs(ours - ref).max() > 1e-2
+
+
+def test_v3_mtp_layers_are_set_aside(tmp_path):
+    """A V3 checkpoint with ``num_nextn_predict_layers = 1`` stores the MTP layer as
+    ``model.layers.{num_hidden_layers}.*`` (DeepSeek-V3: layer 61 of 61): kept aside, by name."""
+    from safetensors.numpy import load_file, save_file
+
+    hf_model = make_tiny_deepseek("v3-yarn", tmp_path, num_nextn_predict_layers=1)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["num_nextn_predict_layers"] == 1
+    n = cfg["num_hidden_layers"]
+    tensors = load_file(tmp_path / "model.safetensors")
+    rng = np.random.default_rng(0)
+    # what DeepSeek's MTP module holds: projections, norms, a shared head, a full MoE block
+    mtp = {
+        f"model.layers.{n}.{k[len('model.layers.2.') :]}": rng.normal(size=v.shape).astype(v.dtype)
+        for k, v in tensors.items()
+        if k.startswith("model.layers.2.")
+    }
+    mtp.update(
+        {
+            f"model.layers.{n}.enorm.weight": np.ones(64, np.float32),
+            f"model.layers.{n}.hnorm.weight": np.ones(64, np.float32),
+            f"model.layers.{n}.eh_proj.weight": rng.normal(size=(64, 128)).astype(np.float32),
+            f"model.layers.{n}.shared_head.norm.weight": np.ones(64, np.float32),
+            f"model.layers.{n}.shared_head.head.weight": rng.normal(size=(VOCAB, 64)).astype(
+                np.float32
+            ),
+        }
+    )
+    assert f"model.layers.{n}.mlp.experts.3.up_proj.weight" in mtp  # per-expert names kept
+    save_file({**tensors, **mtp}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+
+    model = load_model(tmp_path, dtype=mx.float32)
+    assert set(model.aside_weights) == set(mtp)
+    for k, v in mtp.items():
+        np.testing.assert_array_equal(np.array(model.aside_weights[k]), v)
+    # and the model itself is untouched by them
+    ids = _ids(40, 5)
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(np.array(model(mx.array([ids]))[0]), ref, rtol=1e-4, atol=1e-4)
+
+
+# ---- DeepSeekMoE 16B (model_type "deepseek"): against mlx-lm --------------------------------
+
+V1 = dict(
+    model_type="deepseek",
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_hidden_layers=5,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_shared_experts=2,
+    n_routed_experts=8,
+    num_experts_per_tok=3,
+    moe_layer_freq=2,  # MoE at layers 2 and 4 (1 and 3 stay dense)
+    first_k_dense_replace=1,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    attention_bias=False,
+)
+
+
+def make_tiny_deepseek_v1(out: Path):
+    """mlx-lm's deepseek with random weights, saved as a Hugging Face checkpoint would be."""
+    from mlx.utils import tree_flatten, tree_map_with_path
+    from mlx_lm.models.deepseek import Model, ModelArgs
+
+    mx.random.seed(0)
+    ref = Model(ModelArgs(**V1))
+
+    def widen(path, p):
+        return p if "norm" in path else mx.random.normal(p.shape) * 0.1
+
+    ref.update(tree_map_with_path(widen, ref.parameters()))
+    weights = {}
+    for k, v in tree_flatten(ref.parameters()):
+        if ".mlp.switch_mlp." in k:
+            # mlx-lm stacks experts; HF checkpoints hold model.layers.L.mlp.experts.E.NAME.weight
+            prefix, rest = k.split(".switch_mlp.")
+            for e in range(v.shape[0]):
+                weights[f"{prefix}.experts.{e}.{rest}"] = v[e]
+        else:
+            weights[k] = v
+    out.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(dict(V1, architectures=["DeepseekForCausalLM"])))
+    return weights
+
+
+def test_deepseek_moe_v1_matches_mlx_lm(tmp_path):
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    weights = make_tiny_deepseek_v1(tmp_path)
+    assert "model.layers.2.mlp.experts.7.down_proj.weight" in weights
+    assert "model.layers.1.mlp.gate_proj.weight" in weights  # dense off moe_layer_freq
+    ours = load_model(tmp_path, dtype=mx.float32)
+    ref, _ = mlx_lm_load_model(tmp_path)
+    assert type(ours.layers[2].mlp).__name__ == "MoE"
+    assert type(ours.layers[3].mlp).__name__ == "SwiGLU"
+    ids = mx.array([_ids(40, 6)])
+    a, b = np.array(ours(ids)[0]), np.array(ref(ids)[0])
+    diff = np.abs(a - b)
+    print(f"deepseek (v1) vs mlx-lm: max |diff| {diff.max():.2e}, mean {diff.mean():.2e}")
+    assert np.abs(b).max() > 0.5  # logits are not ~0
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+    # cached decode == full recompute on the GQA (KVCache) path of the family
+    cache = ours.make_cache()
+    assert all(type(c).__name__ == "KVCache" for c in cache)
+    pieces = [ours(ids[:, :11], cache=cache)] + [
+        ours(ids[:, i : i + 1], cache) for i in range(11, 40)
+    ]
+    stepped = np.concatenate([np.array(p[0]) for p in pieces])
+    np.testing.assert_allclose(stepped, a, rtol=1e-5, atol=1e-5)
