@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -28,6 +29,7 @@ COPY_FILES = (
     "generation_config.json",
 )
 DTYPES = ("bfloat16", "float16", "float32")
+_LAYER_PREFIX = re.compile(r"(.*?\.layers\.\d+)\.")
 
 
 def _source_files(src: Path, allow_pickle: bool) -> list[Path]:
@@ -151,10 +153,20 @@ def convert(
         writer = StreamingWriter(
             tmp, int(shard_size_gb * 1e9), on_write=lambda _: progress_bar.advance(task)
         )
+        # A layer is converted once its last tensor has been read: experts of one layer (or an
+        # FP8 weight and its scales) may be split over two shards. Carried tensors stay lazy.
+        last = {}
+        for k, f in where.items():
+            last[_group(k)] = max(last.get(_group(k), -1), files.index(f))
+        carried: dict = {}
         with progress_bar:
-            for f in files:
-                weights = mx.load(str(f)) if f.suffix == ".safetensors" else _load_pickle(f)
-                weights = model.sanitize(dequant_fp8_weights(_pair_fp8_scales(weights, where)))
+            for i, f in enumerate(files):
+                shard = mx.load(str(f)) if f.suffix == ".safetensors" else _load_pickle(f)
+                weights = {**carried, **shard}
+                carried = {k: v for k, v in weights.items() if last.get(_group(k), i) > i}
+                weights = {k: v for k, v in weights.items() if k not in carried}
+                del shard
+                weights = model.sanitize(dequant_fp8_weights(weights))
                 # kept-aside weights (DeepSeek-V3 MTP layers) pass through under their own names
                 aside = model.set_aside(weights) if hasattr(model, "set_aside") else {}
                 outputs = _plan(weights, modules, predicate, out_dtype, chosen)
@@ -238,20 +250,12 @@ def _plan(weights: dict, modules: dict, predicate, out_dtype, chosen: dict) -> l
     return outputs
 
 
-def _pair_fp8_scales(weights: dict, where: dict) -> dict:
-    """Bring each FP8 weight's ``weight_scale_inv`` into the same shard (it may live in
-    another file); drop scales whose weight is converted with another shard."""
-    import mlx.core as mx
-
-    out = dict(weights)
-    for k in list(out):
-        if k.endswith(".weight_scale_inv") and k[: -len("_scale_inv")] not in out:
-            del out[k]
-        elif k.endswith(".weight") and f"{k}_scale_inv" not in out:
-            sk = f"{k}_scale_inv"
-            if sk in where:
-                out[sk] = mx.load(str(where[sk]))[sk]  # lazy: reads only this tensor
-    return out
+def _group(key: str) -> str:
+    """The unit converted together: a decoder layer, or a single tensor with its FP8 scales."""
+    m = _LAYER_PREFIX.match(key)
+    if m:
+        return m.group(1)
+    return key.removesuffix("_scale_inv")
 
 
 def _cast(w, dtype):

@@ -252,3 +252,31 @@ def test_converted_quantized_checkpoint_loads_and_matches_in_memory(checkpoints,
     quantize_model(expected, make_predicate("uniform", 8, 32))
     ids = mx.array([_prompt(10, 40)])
     np.testing.assert_allclose(np.array(model(ids)), np.array(expected(ids)), rtol=1e-5, atol=1e-5)
+
+
+def test_convert_handles_experts_split_across_shards(checkpoints, tmp_path):
+    """Hub checkpoints may put half of a layer's experts in one shard and half in the next."""
+    from safetensors.numpy import load_file, save_file
+
+    from mlxllm.convert import convert
+
+    _, folder = checkpoints["qwen2_moe"]
+    split = tmp_path / "split"
+    split.mkdir()
+    for f in folder.iterdir():
+        if f.suffix != ".safetensors":
+            (split / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(folder / "model.safetensors")
+    first = {k: v for k, v in tensors.items() if ".experts." not in k or ".experts.7." not in k}
+    second = {k: v for k, v in tensors.items() if k not in first}
+    assert second and any(".experts.0." in k for k in first)
+    save_file(first, split / "model-00001-of-00002.safetensors")
+    save_file(second, split / "model-00002-of-00002.safetensors")
+    wmap = {k: "model-00001-of-00002.safetensors" for k in first}
+    wmap.update({k: "model-00002-of-00002.safetensors" for k in second})
+    (split / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wmap}))
+
+    out = convert(split, tmp_path / "out", dtype="float32", progress=False)
+    ids = mx.array([_prompt(11, 20)])
+    want = np.array(load_model(folder, dtype=mx.float32)(ids))
+    np.testing.assert_array_equal(np.array(load_model(out, dtype=mx.float32)(ids)), want)

@@ -33,6 +33,45 @@ from mlxllm.layers.rope import RoPE
 LATENT_NORM_EPS = 1e-6
 
 
+def shared_kv_attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: str | mx.array | None
+) -> mx.array:
+    """Attention of ``n_heads`` queries over ONE shared KV head as two plain GEMMs.
+
+    The latent "KV head" of absorbed MLA; the heads are folded into the rows so that each key
+    is read once per step instead of once per head (measured on the CPU backend at S = 8192,
+    V2-Lite widths: 37 ms vs 449 ms per decode step with ``scaled_dot_product_attention``,
+    whose fallback reads the keys once per head).
+
+    Args:
+        q: ``[B, n_heads, L, d]``; k: ``[B, 1, S, d]``; v: ``[B, 1, S, dv]``.
+        mask: ``"causal"`` (aligned to the end of the keys), ``None``, or an additive / boolean
+            array ``[L, S]`` or ``[B, n_heads, L, S]``.
+
+    Returns:
+        ``[B, n_heads, L, dv]``.
+    """
+    B, H, L, d = q.shape
+    S = k.shape[2]
+    rows = (q * scale).transpose(0, 2, 1, 3).reshape(B, L * H, d)  # row l * H + h
+    scores = (rows @ k[:, 0].swapaxes(-1, -2)).reshape(B, L, H, S)
+    if isinstance(mask, str):
+        visible = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]  # [L, S]
+        scores = mx.where(visible[:, None], scores, -mx.inf)
+    elif mask is not None:
+        m = mask[:, None] if mask.ndim == 2 else mask.transpose(0, 2, 1, 3)  # -> [.., L, H, S]
+        scores = mx.where(m, scores, -mx.inf) if m.dtype == mx.bool_ else scores + m
+    p = mx.softmax(scores, axis=-1, precise=True).astype(v.dtype)
+    out = p.reshape(B, L * H, S) @ v[:, 0]  # [B, L * H, dv]
+    return out.reshape(B, L, H, -1).transpose(0, 2, 1, 3)
+
+
+def _attention(q, k, v, scale, mask):
+    if k.shape[1] == 1 and q.shape[1] > 1:
+        return shared_kv_attention(q, k, v, scale, mask)
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
 def chunked_attention(
     q: mx.array,
     k: mx.array,
@@ -58,7 +97,7 @@ def chunked_attention(
     S = k.shape[2]
     chunk = max(1, max_score_elems // (B * H * S))
     if L <= chunk:
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        return _attention(q, k, v, scale, mask)
     outs = []
     for i0 in range(0, L, chunk):
         i1 = min(i0 + chunk, L)
@@ -71,7 +110,7 @@ def chunked_attention(
             m = mask if i1 - i0 > 1 else None
         elif mask is not None:
             m = mask[..., i0:i1, :] if mask.shape[-2] == L else mask
-        o = mx.fast.scaled_dot_product_attention(q[:, :, i0:i1], kc, vc, scale=scale, mask=m)
+        o = _attention(q[:, :, i0:i1], kc, vc, scale, m)
         # evaluate chunk by chunk: left lazy, the backend allocates the scores of several chunks
         # ahead of computing them (measured: 2-3x the peak at S = 4096, even with mx.depends
         # chaining the chunks), which is the memory that chunking is meant to save

@@ -2,7 +2,9 @@
 
 Experts are stored stacked, ``weight[n_experts, out, in]``, and applied with ``mx.gather_mm``
 (``mx.gather_qmm`` once quantized): each token multiplies only by the experts it was routed to,
-in one kernel call per projection. Routers are pure functions of the router logits returning
+in one kernel call per projection. Prefill-sized inputs are sorted by expert first; on the CPU
+backend they then take one BLAS matmul per expert instead (CPU ``gather_mm`` is a GEMV per row).
+Routers are pure functions of the router logits returning
 ``(indices [..., k] int32, weights [..., k] float32)``; the family file applies the weights.
 
 Router semantics follow Hugging Face transformers (``modeling_qwen2_moe.py``,
