@@ -150,11 +150,20 @@ def load_weights(path: Path) -> dict[str, mx.array]:
     return weights
 
 
+# MoE router weights and DeepSeek-V3's score-correction bias pick experts: reference
+# implementations keep them in float32, and bf16 rounding can flip a choice.
+KEEP_FLOAT32 = (".mlp.gate.weight", ".e_score_correction_bias")
+
+
 def cast_weights(weights: dict, dtype: mx.Dtype) -> dict:
-    """Floating tensors to ``dtype``; packed integer (quantized) tensors stay as they are."""
-    return {
-        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
-    }
+    """Floating tensors to ``dtype`` (routers to float32); packed integers stay as they are."""
+
+    def cast(k, v):
+        if not mx.issubdtype(v.dtype, mx.floating):
+            return v
+        return v.astype(mx.float32 if k.endswith(KEEP_FLOAT32) else dtype)
+
+    return {k: cast(k, v) for k, v in weights.items()}
 
 
 def load_model(path: Path, dtype: mx.Dtype | None = None, lazy: bool = False) -> nn.Module:
@@ -186,7 +195,8 @@ def load_model(path: Path, dtype: mx.Dtype | None = None, lazy: bool = False) ->
     if not lazy:
         mx.eval(model.parameters())  # read the weights now so the first token is not slow
     model.config.generation_config = config.get("_generation_config", {})
-    model.aside_weights = aside
+    # a plain attribute, not a child: nn.Module would count a dict as part of its parameters
+    object.__setattr__(model, "aside_weights", aside)
     return model
 
 

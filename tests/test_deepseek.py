@@ -223,8 +223,8 @@ def test_v3_features_are_exercised(checkpoints, ablation):
         from mlxllm.models import build_model
 
         plain = build_model(cfg)
-        # (the loader's aside_weights dict shows up among parameters(); take the model's own)
-        plain.update({k: v for k, v in model.parameters().items() if k != "aside_weights"})
+        assert "aside_weights" not in model.parameters()  # kept aside, not a parameter
+        plain.update(model.parameters())
         model = plain
     for layer in model.layers:
         if ablation == "no-correction-bias" and "gate" in layer.mlp:

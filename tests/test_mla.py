@@ -191,3 +191,24 @@ def test_quantized_kv_b_proj_absorbed_matches_expanded():
     e = m.attend_expanded(q_nope, q_pe, c_kv, k_pe, None)
     # the two forms round differently in the quantized matmul vs dequantize-then-matmul
     np.testing.assert_allclose(np.array(a), np.array(e), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "bool-2d", "additive-4d"])
+def test_shared_kv_attention_equals_sdpa(mask_kind):
+    """The heads-folded GEMM path of absorbed MLA == MLX's attention with the same mask."""
+    from mlxllm.layers.mla import shared_kv_attention
+
+    B, H, L, S, d, dv = 2, 4, 5, 23, 24, 16
+    keys = mx.random.split(mx.random.key(7), 3)
+    q = mx.random.normal((B, H, L, d), key=keys[0])
+    k = mx.random.normal((B, 1, S, d), key=keys[1])
+    v = mx.random.normal((B, 1, S, dv), key=keys[2])
+    mask = {
+        "none": None,
+        "causal": "causal",
+        "bool-2d": mx.arange(S)[None] % 3 != mx.arange(L)[:, None] % 3,
+        "additive-4d": mx.random.normal((B, H, L, S), key=mx.random.key(8)),
+    }[mask_kind]
+    got = shared_kv_attention(q, k, v, 0.2, mask)
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.2, mask=mask)
+    assert mx.abs(got - want).max().item() <= 1e-5
