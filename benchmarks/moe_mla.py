@@ -88,6 +88,20 @@ CONFIGS = {
         "rms_norm_eps": 1e-6,
         "tie_word_embeddings": False,
     },
+    # dense, for absolute GPU decode figures next to mlx-lm (not an MoE)
+    "qwen2.5-7b": {
+        "model_type": "qwen2",
+        "vocab_size": 152064,
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+    },
 }
 
 
@@ -121,7 +135,7 @@ def _fill(caches, context: int, mx) -> None:
             lat = mx.random.normal((B, 1, n, width)).astype(c.joint.dtype)
             c.update_and_fetch(lat[..., : c.rank], lat[..., c.rank :])
         else:  # plain K/V caches (mlxllm and mlx-lm)
-            k, v = c.state[0], c.state[1]
+            k, v = [a for a in c.state if isinstance(a, mx.array)][:2]
             n = context - c.offset
             shape_k = (*k.shape[:2], n, k.shape[3])
             shape_v = (*v.shape[:2], n, v.shape[3])
@@ -141,7 +155,9 @@ def worker(tool: str, name: str, layers: int | None, context: int, gen: int, dty
     y = mx.array([[1]])
     mx.eval(model(y, cache=caches))  # one real step creates every cache with its real shapes
     _fill(caches, context, mx)
-    kv_bytes = sum(a.nbytes for c in caches for a in c.state)
+    # bytes per cached position x context (buffers may hold unused tail capacity)
+    arrays = [a for c in caches for a in c.state if isinstance(a, mx.array)]
+    kv_bytes = int(sum(a.nbytes / a.shape[-2] for a in arrays) * context)
     y = mx.array([[2]])
     for _ in range(2):  # warm-up
         y = mx.argmax(model(y, cache=caches)[:, -1:], axis=-1)
@@ -163,7 +179,7 @@ def worker(tool: str, name: str, layers: int | None, context: int, gen: int, dty
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    ap.add_argument("--configs", nargs="*", default=["deepseek-v2-lite", "qwen1.5-moe-a2.7b"])
     ap.add_argument("--contexts", nargs="*", type=int, default=[512, 8192])
     ap.add_argument("--layers", type=int, default=None, help="cut every config to N layers")
     ap.add_argument("--gen", type=int, default=16)

@@ -104,3 +104,19 @@ def test_prompt_cache_reuses_the_conversation(tiny):
     assert fresh[-1].prompt_tokens == total
     assert "".join(c.text for c in second) == "".join(c.text for c in fresh)
     assert cache.offset == len(cache.ids)
+
+
+def test_kv_cache_grows_past_a_block_after_content():
+    """A long chunk after a short history (a chat turn with a long prompt) must fit."""
+    from mlxllm.cache import KVCache
+    from mlxllm.cache.latent import LatentCache
+
+    kv, lat = KVCache(), LatentCache()
+    for L in (3, 600, 1, 300):
+        k = mx.random.normal((1, 2, L, 8))
+        keys, _ = kv.update_and_fetch(k, k)
+        ck, kp = lat.update_and_fetch(k[:, :1], k[:, :1, :, :4])
+        assert keys.shape[2] == kv.offset and ck.shape[2] == kp.shape[2] == lat.offset
+        np.testing.assert_array_equal(np.array(keys[:, :, -L:]), np.array(k))
+        np.testing.assert_array_equal(np.array(ck[:, :, -L:]), np.array(k[:, :1]))
+    assert kv.offset == lat.offset == 904

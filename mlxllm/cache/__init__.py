@@ -48,7 +48,7 @@ class KVCache:
         need = self.offset + L
         if self.keys is None or need > self.keys.shape[2]:
             n_new = ((need + self.step - 1) // self.step) * self.step
-            grow = n_new - (0 if self.keys is None else self.keys.shape[2])
+            grow = n_new - (0 if self.keys is None else self.offset)  # after dropping the tail
             k_blk = mx.zeros((B, n_kv, grow, keys.shape[3]), keys.dtype)
             v_blk = mx.zeros((B, n_kv, grow, values.shape[3]), values.dtype)
             if self.keys is None:

@@ -35,7 +35,7 @@ class LatentCache:
         need = self.offset + L
         if self.buffer is None or need > self.buffer.shape[2]:
             n_new = ((need + self.step - 1) // self.step) * self.step
-            grow = n_new - (0 if self.buffer is None else self.buffer.shape[2])
+            grow = n_new - (0 if self.buffer is None else self.offset)  # after dropping the tail
             block = mx.zeros((B, 1, grow, r + k_pe.shape[-1]), c_kv.dtype)
             if self.buffer is None:
                 self.buffer, self.rank = block, r
