@@ -159,7 +159,7 @@ def worker(tool: str, name: str, layers: int | None, context: int, gen: int, dty
     arrays = [a for c in caches for a in c.state if isinstance(a, mx.array)]
     kv_bytes = int(sum(a.nbytes / a.shape[-2] for a in arrays) * context)
     y = mx.array([[2]])
-    for _ in range(2):  # warm-up
+    for _ in range(8):  # warm-up (kernel compilation, allocator)
         y = mx.argmax(model(y, cache=caches)[:, -1:], axis=-1)
         mx.eval(y)
     mx.reset_peak_memory()

@@ -212,3 +212,17 @@ def test_shared_kv_attention_equals_sdpa(mask_kind):
     got = shared_kv_attention(q, k, v, 0.2, mask)
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.2, mask=mask)
     assert mx.abs(got - want).max().item() <= 1e-5
+
+
+def test_gpu_decode_form_equals_cpu_form():
+    """The fused-kernel decode used on GPUs (keys = values = [c_kv, k_pe], output cut to r)
+    equals the shared-KV GEMM form used on the CPU; checked here on the CPU."""
+    from mlxllm.layers.mla import shared_kv_attention
+
+    mx.random.seed(0)
+    B, H, S, r, dr = 1, 16, 300, 64, 16
+    q = mx.random.normal((B, H, 1, r + dr))
+    kv = mx.random.normal((B, 1, S, r + dr))
+    fused = mx.fast.scaled_dot_product_attention(q, kv, kv, scale=0.1)[..., :r]
+    plain = shared_kv_attention(q, kv, kv[..., :r], 0.1, None)
+    assert np.abs(np.array(fused) - np.array(plain)).max() < 1e-5

@@ -250,7 +250,13 @@ class MLA(nn.Module):
         q = mx.concatenate([q_lat, q_pe], axis=-1)  # [B, H, L, r + dr]
         if kv is None:
             kv = mx.concatenate([c_kv, k_pe], axis=-1)  # [B, 1, S, r + dr]
-        o_lat = chunked_attention(q, kv, c_kv, self.scale, mask, self.max_score_elems)
+        if q.shape[2] == 1 and mx.default_device() == mx.gpu:
+            # GPU decode: the fused kernel over the contiguous [c_kv, k_pe] buffer as both keys
+            # and values (a strided c_kv view as values is ~4x slower); drop the k_pe columns
+            o_lat = mx.fast.scaled_dot_product_attention(q, kv, kv, scale=self.scale)
+            o_lat = o_lat[..., : c_kv.shape[-1]]
+        else:
+            o_lat = chunked_attention(q, kv, c_kv, self.scale, mask, self.max_score_elems)
         # [B, H, L, r] @ [H, r, v] -> [B, H, L, v]
         return o_lat @ w_uv.astype(o_lat.dtype).swapaxes(-1, -2)
 
