@@ -6,6 +6,7 @@ import dataclasses
 import logging
 
 import mlx.core as mx
+import mlx.nn as nn
 
 log = logging.getLogger("mlxllm")
 
@@ -77,3 +78,72 @@ def causal_mask_array(L: int, offset: int, dtype=mx.float32) -> mx.array:
     q = mx.arange(offset, offset + L)[:, None]
     k = mx.arange(offset + L)[None]
     return mx.where(k <= q, 0.0, -mx.inf).astype(dtype)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm residual block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``.
+
+    Families differ only in which attention (GQA, MLA) and which MLP (SwiGLU, MoE) they pass.
+    """
+
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, dim: int, eps: float):
+        super().__init__()
+        self.self_attn = self_attn
+        self.mlp = mlp
+        self.input_layernorm = nn.RMSNorm(dim, eps=eps)
+        self.post_attention_layernorm = nn.RMSNorm(dim, eps=eps)
+
+    def __call__(self, x, mask=None, cache=None):
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    """Embedding, the blocks and the final norm (HF's ``model.*`` prefix)."""
+
+    def __init__(self, vocab_size: int, dim: int, eps: float, layers: list[nn.Module]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab_size, dim)
+        self.layers = layers
+        self.norm = nn.RMSNorm(dim, eps=eps)
+
+    def __call__(self, ids: mx.array, cache=None) -> mx.array:
+        h = self.embed_tokens(ids)
+        cache = cache or [None] * len(self.layers)
+        mask = attention_mask(ids.shape[1], cache[0].offset if cache[0] is not None else 0)
+        for layer, c in zip(self.layers, cache, strict=True):
+            h = layer(h, mask, c)
+        return self.norm(h)
+
+
+class CausalLM(nn.Module):
+    """``model(ids[B, L], cache=None) -> logits[B, L, vocab]`` over a family's blocks."""
+
+    def __init__(self, config, layers: list[nn.Module]):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config.vocab_size, config.hidden_size, config.rms_norm_eps, layers)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def __call__(self, ids: mx.array, cache=None) -> mx.array:
+        h = self.model(ids, cache)
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def make_cache(self):
+        from mlxllm.cache import make_kv_caches
+
+        return make_kv_caches(len(self.model.layers))
+
+    def sanitize(self, weights: dict) -> dict:
+        # inv_freq is recomputed from the config; a tied lm_head would be an unexpected key
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.config.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        return weights

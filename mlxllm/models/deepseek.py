@@ -33,7 +33,7 @@ from mlxllm.layers.mla import MLA
 from mlxllm.layers.mlp import SwiGLU
 from mlxllm.layers.moe import SwitchGLU, group_limited_greedy, noaux_tc, softmax_topk
 from mlxllm.layers.rope import RoPE, yarn_mscale
-from mlxllm.models.base import BaseConfig, attention_mask
+from mlxllm.models.base import BaseConfig, CausalLM, DecoderBlock
 from mlxllm.models.transforms import stack_experts
 
 ROUTERS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -198,56 +198,18 @@ def _attention(c: DeepseekConfig) -> nn.Module:
     )
 
 
-class Block(nn.Module):
-    def __init__(self, c: DeepseekConfig, i: int):
-        super().__init__()
-        self.self_attn = _attention(c)
-        self.mlp = MoE(c) if c.is_moe_layer(i) else SwiGLU(c.hidden_size, c.intermediate_size)
-        self.input_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
-
-    def __call__(self, x, mask=None, cache=None):
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+def block(c: DeepseekConfig, i: int) -> DecoderBlock:
+    mlp = MoE(c) if c.is_moe_layer(i) else SwiGLU(c.hidden_size, c.intermediate_size)
+    return DecoderBlock(_attention(c), mlp, c.hidden_size, c.rms_norm_eps)
 
 
-class Backbone(nn.Module):
-    def __init__(self, c: DeepseekConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = [Block(c, i) for i in range(c.num_hidden_layers)]
-        self.norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
-
-    def __call__(self, ids: mx.array, cache=None) -> mx.array:
-        h = self.embed_tokens(ids)
-        cache = cache or [None] * len(self.layers)
-        mask = attention_mask(ids.shape[1], cache[0].offset if cache[0] is not None else 0)
-        for layer, c in zip(self.layers, cache, strict=False):
-            h = layer(h, mask, c)
-        return self.norm(h)
-
-
-class Model(nn.Module):
+class Model(CausalLM):
     """``model(ids[B, L], cache=None) -> logits[B, L, vocab]``."""
 
     config_class = DeepseekConfig
 
     def __init__(self, config: DeepseekConfig):
-        super().__init__()
-        self.config = config
-        self.model = Backbone(config)
-        if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-
-    def __call__(self, ids: mx.array, cache=None) -> mx.array:
-        h = self.model(ids, cache)
-        if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
-
-    @property
-    def layers(self):
-        return self.model.layers
+        super().__init__(config, [block(config, i) for i in range(config.num_hidden_layers)])
 
     def make_cache(self):
         """A ``LatentCache`` for MLA layers (latent + rope key only), ``KVCache`` otherwise."""
@@ -262,12 +224,10 @@ class Model(nn.Module):
     def sanitize(self, weights: dict) -> dict:
         # inv_freq is recomputed from the config; per-expert tensors become SwitchGLU's stacked
         # [n_experts, out, in] (MTP layers are left as stored: set_aside keeps their names)
-        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        weights = super().sanitize(weights)
         mtp = self._mtp_prefixes()
         aside = {k: v for k, v in weights.items() if k.startswith(mtp)} if mtp else {}
         weights = stack_experts({k: v for k, v in weights.items() if k not in aside})
-        if self.config.tie_word_embeddings:
-            weights.pop("lm_head.weight", None)
         return {**weights, **aside}
 
     def set_aside(self, weights: dict) -> dict:

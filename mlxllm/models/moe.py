@@ -25,12 +25,11 @@ import dataclasses
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxllm.cache import make_kv_caches
 from mlxllm.layers.attention import Attention
 from mlxllm.layers.mlp import SwiGLU
 from mlxllm.layers.moe import SwitchGLU, softmax_topk
 from mlxllm.layers.rope import RoPE
-from mlxllm.models.base import BaseConfig, attention_mask
+from mlxllm.models.base import BaseConfig, CausalLM, DecoderBlock
 from mlxllm.models.transforms import stack_experts
 
 
@@ -125,83 +124,40 @@ class SparseMoeBlock(nn.Module):
         return y
 
 
-class Block(nn.Module):
-    def __init__(self, c: MoeConfig, layer: int):
-        super().__init__()
-        rope = RoPE(c.head_dim, c.rope_theta, c.rope_scaling)
-        self.self_attn = Attention(
+def block(c: MoeConfig, layer: int) -> DecoderBlock:
+    rope = RoPE(c.head_dim, c.rope_theta, c.rope_scaling)
+    attn = Attention(
+        c.hidden_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim,
+        rope,
+        qkv_bias=c.has_qkv_bias,
+        o_bias=c.o_bias,
+        qk_norm_eps=c.rms_norm_eps if c.qk_norm else None,
+    )
+    if c.is_sparse(layer):
+        mlp = SparseMoeBlock(
             c.hidden_size,
-            c.num_attention_heads,
-            c.num_key_value_heads,
-            c.head_dim,
-            rope,
-            qkv_bias=c.has_qkv_bias,
-            o_bias=c.o_bias,
-            qk_norm_eps=c.rms_norm_eps if c.qk_norm else None,
+            c.moe_intermediate_size,
+            c.num_experts,
+            c.num_experts_per_tok,
+            c.norm_topk_prob,
+            c.shared_expert_size,
         )
-        if c.is_sparse(layer):
-            self.mlp = SparseMoeBlock(
-                c.hidden_size,
-                c.moe_intermediate_size,
-                c.num_experts,
-                c.num_experts_per_tok,
-                c.norm_topk_prob,
-                c.shared_expert_size,
-            )
-        else:
-            self.mlp = SwiGLU(c.hidden_size, c.intermediate_size)
-        self.input_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
-
-    def __call__(self, x, mask=None, cache=None):
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    else:
+        mlp = SwiGLU(c.hidden_size, c.intermediate_size)
+    return DecoderBlock(attn, mlp, c.hidden_size, c.rms_norm_eps)
 
 
-class Backbone(nn.Module):
-    def __init__(self, c: MoeConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = [Block(c, i) for i in range(c.num_hidden_layers)]
-        self.norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
-
-    def __call__(self, ids: mx.array, cache=None) -> mx.array:
-        h = self.embed_tokens(ids)
-        cache = cache or [None] * len(self.layers)
-        mask = attention_mask(ids.shape[1], cache[0].offset if cache[0] is not None else 0)
-        for layer, c in zip(self.layers, cache, strict=False):
-            h = layer(h, mask, c)
-        return self.norm(h)
-
-
-class Model(nn.Module):
+class Model(CausalLM):
     """``model(ids[B, L], cache=None) -> logits[B, L, vocab]``."""
 
     config_class = MoeConfig
 
     def __init__(self, config: MoeConfig):
-        super().__init__()
-        self.config = config
-        self.model = Backbone(config)
-        if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-
-    def __call__(self, ids: mx.array, cache=None) -> mx.array:
-        h = self.model(ids, cache)
-        if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
-
-    @property
-    def layers(self):
-        return self.model.layers
+        super().__init__(config, [block(config, i) for i in range(config.num_hidden_layers)])
 
     def sanitize(self, weights: dict) -> dict:
-        # inv_freq is recomputed from the config; a tied lm_head would be an unexpected key
-        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
-        if self.config.tie_word_embeddings:
-            weights.pop("lm_head.weight", None)
-        return stack_experts(weights, self.config.num_experts)
-
-    def make_cache(self):
-        return make_kv_caches(len(self.model.layers))
+        # per-expert tensors become SwitchGLU's stacked [n_experts, out, in]
+        return stack_experts(super().sanitize(weights), self.config.num_experts)
