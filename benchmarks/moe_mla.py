@@ -184,6 +184,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=None, help="cut every config to N layers")
     ap.add_argument("--gen", type=int, default=16)
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
+    ap.add_argument("--repeats", type=int, default=1, help="alternate runs; report the median")
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -199,14 +200,21 @@ def main(argv=None):
     for name in args.configs:
         for ctx in args.contexts:
             row = {"config": name, "context": ctx}
-            for tool in ("mlxllm", "mlx-lm"):
-                cmd = [sys.executable, __file__, "--gen", str(args.gen), "--worker", tool, name]
-                cmd += [str(args.layers or 0), str(ctx), args.dtype]
-                r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-                if r.returncode != 0:
-                    row[tool] = {"error": r.stderr.strip().splitlines()[-1][:200]}
-                else:
-                    row[tool] = json.loads(r.stdout.strip().splitlines()[-1])
+            runs = {"mlxllm": [], "mlx-lm": []}
+            for _ in range(args.repeats):  # alternate the tools so drift hits both alike
+                for tool in runs:
+                    cmd = [sys.executable, __file__, "--gen", str(args.gen), "--worker", tool, name]
+                    cmd += [str(args.layers or 0), str(ctx), args.dtype]
+                    r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+                    if r.returncode != 0:
+                        runs[tool].append({"error": r.stderr.strip().splitlines()[-1][:200]})
+                    else:
+                        runs[tool].append(json.loads(r.stdout.strip().splitlines()[-1]))
+            for tool, rs in runs.items():
+                ok = sorted((x for x in rs if "error" not in x), key=lambda x: x["decode_tps"])
+                row[tool] = ok[len(ok) // 2] if ok else rs[0]
+                if ok:
+                    row[tool]["all_tps"] = [round(x["decode_tps"], 2) for x in ok]
             a, b = row["mlxllm"], row["mlx-lm"]
             if "error" not in a and "error" not in b:
                 row["decode_ratio"] = a["decode_tps"] / b["decode_tps"]

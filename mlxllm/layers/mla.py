@@ -217,7 +217,22 @@ class MLA(nn.Module):
         return c_kv, self.rope(k_pe, offset)
 
     def _kv_b_weights(self) -> tuple[mx.array, mx.array]:
-        """``W_UK[heads, nope, r]`` and ``W_UV[heads, v, r]`` from ``kv_b_proj``."""
+        """``W_UK[heads, nope, r]`` and ``W_UV[heads, v, r]`` from ``kv_b_proj``, contiguous.
+
+        Cached: splitting (and, for a quantized ``kv_b_proj``, dequantizing) the weight on every
+        decode step costs extra kernels per layer. The cache is keyed on the weight array, so
+        loading or training new weights recomputes it.
+        """
+        key = self.kv_b_proj.weight  # held, so identity cannot be reused by another array
+        cached = self.__dict__.get("_w_ukv")
+        if cached is None or cached[0] is not key:
+            w_uk, w_uv = self._split_kv_b()
+            w_uk, w_uv = mx.contiguous(w_uk), mx.contiguous(w_uv)
+            object.__setattr__(self, "_w_ukv", (key, w_uk, w_uv))
+            cached = self.__dict__["_w_ukv"]
+        return cached[1], cached[2]
+
+    def _split_kv_b(self) -> tuple[mx.array, mx.array]:
         lin = self.kv_b_proj
         if isinstance(lin, nn.QuantizedLinear):
             w = mx.dequantize(
