@@ -73,6 +73,19 @@ System = typer.Option(None, "--system", "-s", help="System prompt.")
 Dtype = typer.Option(
     None, "--dtype", help="float32, float16 or bfloat16 (default: bf16 on GPU, fp32 on CPU)."
 )
+Adapter = typer.Option(None, "--adapter", help="LoRA adapter folder (from `mlxllm finetune`).")
+
+
+def _apply_adapter(model, adapter: str | None):
+    if adapter is None:
+        return model
+    from mlxllm.errors import MlxllmError
+    from mlxllm.lora.layers import load_adapter
+
+    try:
+        return load_adapter(model, adapter)
+    except MlxllmError as e:
+        _fail(str(e))
 
 
 @app.command()
@@ -93,11 +106,13 @@ def generate(
     ),
     dtype: str | None = Dtype,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speed and memory."),
+    adapter: str | None = Adapter,
 ):
     """Generate text for one prompt and stream it to stdout."""
     if prompt == "-":
         prompt = sys.stdin.read()
     m, tok = _load(model, dtype)
+    m = _apply_adapter(m, adapter)
     from mlxllm.generation.stream import stream_generate
 
     use_template = not no_chat_template and tok.chat_template is not None
@@ -144,9 +159,11 @@ def chat(
     seed: int | None = Seed,
     system: str | None = System,
     dtype: str | None = Dtype,
+    adapter: str | None = Adapter,
 ):
     """Chat in the terminal; the KV cache is kept across turns."""
     m, tok = _load(model, dtype)
+    m = _apply_adapter(m, adapter)
     if tok.chat_template is None:
         _fail(f"{model} has no chat template; use `mlxllm generate --no-chat-template` instead")
     from mlxllm.cli.chat import ChatSession
@@ -203,6 +220,98 @@ def convert(
 
 
 @app.command()
+def finetune(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    data: str = typer.Option(..., "--data", help="Folder with train.jsonl and valid.jsonl."),
+    iters: int = typer.Option(1000, "--iters", help="Optimizer steps."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Examples per batch."),
+    learning_rate: float = typer.Option(1e-5, "--learning-rate", help="Peak learning rate."),
+    adapter_path: str = typer.Option("adapters", "--adapter-path", help="Output folder."),
+    rank: int = typer.Option(8, "--rank", help="LoRA rank."),
+    scale: float = typer.Option(20.0, "--scale", help="LoRA scale (alpha / rank)."),
+    dropout: float = typer.Option(0.0, "--dropout", help="Dropout on the adapter input."),
+    num_layers: int = typer.Option(16, "--num-layers", help="Adapt the last N blocks (-1: all)."),
+    dora: bool = typer.Option(False, "--dora", help="DoRA: also learn per-row magnitudes."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from --adapter-path."),
+    seed: int = typer.Option(0, "--seed", help="Seeds adapter init, data order and dropout."),
+    max_seq_length: int = typer.Option(2048, "--max-seq-length", help="Truncate examples."),
+    save_every: int = typer.Option(100, "--save-every", help="Steps between checkpoints."),
+    eval_every: int = typer.Option(200, "--eval-every", help="Steps between validations."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per step."),
+    warmup: int = typer.Option(0, "--warmup", help="Linear warmup steps."),
+    mask_prompt: bool = typer.Option(
+        True, "--mask-prompt/--no-mask-prompt", help="Loss on assistant tokens only."
+    ),
+    dtype: str | None = Dtype,
+):
+    """Train a LoRA (QLoRA on a quantized model, DoRA with --dora) adapter."""
+    from mlxllm.errors import MlxllmError
+
+    try:
+        import mlx.core as mx
+
+        from mlxllm.lora.train import finetune as run_finetune
+
+        run_finetune(
+            model,
+            data,
+            adapter_path=adapter_path,
+            rank=rank,
+            scale=scale,
+            dropout=dropout,
+            num_layers=num_layers if num_layers > 0 else None,
+            dora=dora,
+            seed=seed,
+            dtype=getattr(mx, dtype) if dtype else None,
+            iters=iters,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            save_every=save_every,
+            eval_every=eval_every,
+            resume=resume,
+            grad_accum=grad_accum,
+            warmup=warmup,
+            max_seq_length=max_seq_length,
+            mask_prompt=mask_prompt,
+        )
+    except MlxllmError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail(f"interrupted; the last checkpoint in {adapter_path} is intact (--resume)", 130)
+
+
+@app.command()
+def fuse(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    adapter: str = typer.Option(..., "--adapter", help="Adapter folder."),
+    out: str = typer.Option(..., "--out", "-o", help="Output model folder."),
+    bits: int | None = typer.Option(None, "--bits", "-q", help="Re-quantize to this many bits."),
+    group_size: int = typer.Option(64, "--group-size", help="Quantization group size."),
+    dequantize: bool = typer.Option(False, "--dequantize", help="Write float weights."),
+    dtype: str | None = typer.Option(None, "--dtype", help="float32, float16 or bfloat16."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+):
+    """Merge an adapter into its base model and write a model folder."""
+    from mlxllm.errors import MlxllmError
+    from mlxllm.lora import fuse as run_fuse
+
+    try:
+        path = run_fuse(
+            model,
+            adapter,
+            out,
+            bits=bits,
+            group_size=group_size,
+            dequantize=dequantize,
+            dtype=dtype,
+            force=force,
+        )
+    except MlxllmError as e:
+        _fail(str(e))
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
 def models():
     """List model aliases and the Hugging Face repos they point to."""
     from rich.console import Console
@@ -245,7 +354,7 @@ def _openblas_reexec() -> None:
     """
     if not sys.platform.startswith("linux") or os.environ.get("MLXLLM_NO_OPENBLAS"):
         return
-    if len(sys.argv) < 2 or sys.argv[1] not in ("generate", "chat", "convert"):
+    if len(sys.argv) < 2 or sys.argv[1] not in ("generate", "chat", "convert", "finetune", "fuse"):
         return
     preload = os.environ.get("LD_PRELOAD", "")
     if "openblas" in preload:

@@ -41,7 +41,13 @@ def test_wheel_maps_subpackages_under_mlxllm(tmp_path):
     )
     (wheel,) = tmp_path.glob("mlxllm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for sub in ("cli/main.py", "cli/chat.py", "convert/__init__.py", "quant/__init__.py"):
+    for sub in (
+        "cli/main.py",
+        "cli/chat.py",
+        "convert/__init__.py",
+        "quant/__init__.py",
+        "lora/train.py",
+    ):
         assert f"mlxllm/{sub}" in names
     assert "mlxllm/registry/aliases.json" in names
     assert not any(n.split("/")[0] in ("cli", "convert", "quant", "tests") for n in names)

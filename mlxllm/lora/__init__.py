@@ -1,0 +1,104 @@
+"""LoRA / QLoRA / DoRA fine-tuning.
+
+``mlxllm.lora.layers``: adapters as transforms (``apply_lora``, ``load_adapter``, ``fuse_model``);
+``mlxllm.lora.data``: JSONL folders to masked token batches; ``mlxllm.lora.train``: the training
+loop (``train``, ``finetune``); ``fuse`` here writes a model folder with the adapter merged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from mlxllm.errors import MlxllmError
+
+__all__ = ["fuse"]
+
+
+def fuse(
+    model_path: str | os.PathLike,
+    adapter_path: str | os.PathLike,
+    out: str | os.PathLike,
+    bits: int | None = None,
+    group_size: int = 64,
+    dequantize: bool = False,
+    dtype: str | None = None,
+    force: bool = False,
+) -> Path:
+    """Merge an adapter into its base model and write a loadable model folder.
+
+    Args:
+        model_path: the base model (folder, alias or repo id) the adapter was trained on.
+        adapter_path: folder with ``adapters.safetensors`` and ``adapter_config.json``.
+        out: output folder (written to a temp sibling, then renamed).
+        bits: quantize the fused model to this many bits (affine, ``group_size``).
+        group_size: quantization group size with ``bits``.
+        dequantize: write float weights even when the base was quantized.
+        dtype: dtype of float tensors (default: the base checkpoint's half type, else float32).
+        force: replace an existing ``out``.
+
+    Returns:
+        The output folder.
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlxllm.convert import COPY_FILES
+    from mlxllm.convert.safetensors_io import StreamingWriter, write_index
+    from mlxllm.loader import load_config, load_model, resolve
+    from mlxllm.lora.layers import fuse_model, load_adapter
+    from mlxllm.quant import make_predicate, quantize_model
+
+    out = Path(out).expanduser()
+    if out.exists() and not force:
+        raise MlxllmError(f"{out} already exists; pass --force to replace it")
+    if bits is not None and not 2 <= bits <= 8:
+        raise MlxllmError(f"--bits {bits} is not supported; use 2, 3, 4, 5, 6 or 8")
+    if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
+        raise MlxllmError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+    path = resolve(model_path)
+    config = load_config(path)
+    config.pop("_generation_config", None)
+    src_dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
+    out_dtype = getattr(
+        mx, dtype or (src_dtype if src_dtype in ("float16", "bfloat16") else "float32")
+    )
+
+    model = load_model(path, dtype=mx.float32)
+    load_adapter(model, adapter_path)
+    fuse_model(model, dequantize=dequantize or bits is not None)
+    if bits is not None or dequantize:
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+    if bits is not None:
+        block = quantize_model(model, make_predicate("uniform", bits, group_size))
+        config["quantization"] = config["quantization_config"] = block
+    config["torch_dtype"] = str(out_dtype).split(".")[-1]
+
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        writer = StreamingWriter(tmp, int(2e9))
+        tensors = dict(tree_flatten(model.parameters()))
+        tensors.update(getattr(model, "aside_weights", {}) or {})
+        for name, v in tensors.items():
+            writer.add(name, v.astype(out_dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
+        write_index(tmp, writer.close(), writer.total_bytes)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        for name in COPY_FILES:
+            if (path / name).exists():
+                shutil.copy(path / name, tmp / name)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,377 @@
+"""The LoRA training loop: AdamW with warmup + cosine decay on a masked cross-entropy.
+
+Resuming is exact: the data order and the dropout key are pure functions of ``(seed, step)``, and
+every checkpoint holds the adapter, the optimizer state and the step in ONE file
+(``training_state.safetensors``), written to a temp file in the same folder and renamed, so a
+crash at any moment leaves either the previous checkpoint or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mlxllm.errors import MlxllmError
+from mlxllm.lora.data import batch_at, collate, load_dataset, make_batches
+from mlxllm.lora.layers import (
+    DEFAULT_TARGETS,
+    adapter_weights,
+    apply_lora,
+    atomic_save_safetensors,
+    atomic_write_text,
+    save_adapter,
+)
+
+STATE_FILE = "training_state.safetensors"
+LOG_FILE = "training_log.json"
+
+
+def masked_loss(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array):
+    """Mean cross-entropy over masked-in targets; returns ``(loss, n_tokens)``."""
+    logits = model(inputs).astype(mx.float32)  # [B, L, vocab]
+    ce = nn.losses.cross_entropy(logits, targets) * mask
+    n = mask.sum()
+    return ce.sum() / mx.maximum(n, 1), n
+
+
+def make_schedule(lr: float, iters: int, warmup: int, min_lr_ratio: float = 0.1):
+    """Linear warmup to ``lr`` over ``warmup`` steps, then cosine decay to ``lr * ratio``."""
+    decay = optim.cosine_decay(lr, max(1, iters - warmup), lr * min_lr_ratio)
+    if warmup <= 0:
+        return decay
+    return optim.join_schedules([optim.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+def memory_estimate(model: nn.Module, batch_size: int, seq_len: int) -> dict[str, float]:
+    """Rough bytes of a training step: weights, adapters (+ grads + 2 AdamW moments) and
+    activations kept for the backward pass (from the first adapted block on, plus logits)."""
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    adapters = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+    cfg = model.config
+    adapted = [
+        i for i, layer in enumerate(model.layers) if tree_flatten(layer.trainable_parameters())
+    ]
+    n_blocks = len(model.layers) - (adapted[0] if adapted else len(model.layers))
+    tokens = batch_size * seq_len
+    heads = getattr(cfg, "num_attention_heads", 1)
+    # per block: ~10 hidden-sized tensors, 3 MLP-sized, the attention scores; float32 on CPU
+    per_block = tokens * (10 * cfg.hidden_size + 3 * cfg.intermediate_size + heads * seq_len) * 4
+    logits = tokens * cfg.vocab_size * 4 * 3  # logits, log-softmax, its gradient
+    return {
+        "weights": weights,
+        "adapters": adapters,
+        "optimizer": 3 * adapters,  # gradients + AdamW m and v
+        "activations": n_blocks * per_block + logits,
+    }
+
+
+def _fmt_gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _evaluate(model, examples, batch_size: int, max_batches: int | None = None) -> float:
+    """Token-weighted validation loss over the length-sorted batches (no shuffle)."""
+    batches = make_batches(examples, min(batch_size, len(examples)))
+    if max_batches:
+        batches = batches[:max_batches]
+    total, count = 0.0, 0.0
+    for idx in batches:
+        x, y, m = (mx.array(a) for a in collate([examples[i] for i in idx]))
+        loss, n = masked_loss(model, x, y, m)
+        mx.eval(loss, n)  # one batch at a time bounds memory
+        total += loss.item() * n.item()
+        count += n.item()
+    return total / max(count, 1)
+
+
+def _save_checkpoint(folder: Path, model, optimizer, step: int, log: dict, meta: dict) -> None:
+    arrays = {f"adapter.{k}": v for k, v in adapter_weights(model).items()}
+    arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
+    atomic_save_safetensors(
+        folder / STATE_FILE, arrays, {"step": str(step), "meta": json.dumps(meta)}
+    )
+    save_adapter(model, folder, {"step": step})
+    atomic_write_text(folder / LOG_FILE, json.dumps(log))
+
+
+def _load_checkpoint(folder: Path, model, optimizer, meta: dict) -> tuple[int, dict]:
+    path = folder / STATE_FILE
+    if not path.is_file():
+        raise MlxllmError(f"nothing to resume: {path} does not exist")
+    arrays, metadata = mx.load(str(path), return_metadata=True)
+    saved = json.loads(metadata.get("meta", "{}"))
+    diff = {k for k in meta if saved.get(k) != meta[k]}
+    if diff:
+        raise MlxllmError(
+            f"cannot resume from {folder}: settings changed ({', '.join(sorted(diff))}); "
+            "use the same settings or another --adapter-path"
+        )
+    adapter = {k[len("adapter.") :]: v for k, v in arrays.items() if k.startswith("adapter.")}
+    model.load_weights(list(adapter.items()), strict=False)
+    opt = [(k[len("optimizer.") :], v) for k, v in arrays.items() if k.startswith("optimizer.")]
+    optimizer.state = tree_unflatten(opt)
+    log_path = folder / LOG_FILE
+    log = json.loads(log_path.read_text()) if log_path.is_file() else {"train": [], "valid": []}
+    step = int(metadata["step"])
+    # drop log entries written after the checkpoint (a crash between the two)
+    log = {k: [e for e in v if e[0] <= step] for k, v in log.items()}
+    return step, log
+
+
+def plot_losses(log: dict, path: Path) -> str:
+    """A PNG of train/valid loss if matplotlib is installed; returns a one-line message."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "loss plot skipped: `pip install matplotlib` enables it"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in ("train", "valid"):
+        if log.get(name):
+            steps, losses = zip(*log[name], strict=True)
+            ax.plot(steps, losses, label=name, marker="o" if name == "valid" else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    tmp = path.parent / f".{path.stem}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return f"loss plot: {path}"
+
+
+def train(
+    model: nn.Module,
+    tokenizer,
+    data_dir: str | os.PathLike,
+    iters: int = 1000,
+    batch_size: int = 4,
+    learning_rate: float = 1e-5,
+    adapter_path: str | os.PathLike = "adapters",
+    save_every: int = 100,
+    eval_every: int = 200,
+    seed: int = 0,
+    resume: bool = False,
+    grad_accum: int = 1,
+    warmup: int = 0,
+    weight_decay: float = 0.0,
+    max_seq_length: int = 2048,
+    mask_prompt: bool = True,
+    val_batches: int | None = 25,
+    steps_per_report: int = 10,
+    progress: bool = True,
+    callback: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Train the adapter parameters of ``model`` (see ``apply_lora``) on a data folder.
+
+    Args:
+        model: a model with adapters applied (only adapter parameters trainable).
+        tokenizer: its tokenizer.
+        data_dir: folder with train.jsonl and valid.jsonl.
+        iters: optimizer steps.
+        batch_size: examples per micro-batch.
+        learning_rate: peak learning rate.
+        adapter_path: output folder (adapter, config, training state, log, plot).
+        save_every: steps between checkpoints (a checkpoint is also written at the end).
+        eval_every: steps between validation losses (also at step 0 and at the end).
+        seed: seeds the data order and dropout.
+        resume: continue from ``adapter_path``'s checkpoint.
+        grad_accum: micro-batches whose gradients are averaged per optimizer step.
+        warmup: linear warmup steps before the cosine decay.
+        weight_decay: AdamW weight decay.
+        max_seq_length: examples are truncated to this many tokens.
+        mask_prompt: train on assistant/completion tokens only.
+        val_batches: cap on validation batches (None: all).
+        steps_per_report: steps between progress updates of the loss.
+        progress: show a Rich progress bar and messages.
+        callback: ``callback(step, info)`` after every step (``info``: loss, lr, tokens).
+
+    Returns:
+        The log: ``{"train": [[step, loss], ...], "valid": [[step, loss], ...]}``.
+    """
+    from rich.console import Console
+
+    console = Console(stderr=True, quiet=not progress)
+    folder = Path(adapter_path).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(data_dir, tokenizer, max_seq_length, mask_prompt)
+    train_set, valid_set = data["train"], data["valid"]
+    batches = make_batches(train_set, batch_size)
+
+    longest = max(len(e.ids) for e in train_set)
+    est = memory_estimate(model, batch_size, longest)
+    console.print(
+        "memory estimate: "
+        + ", ".join(f"{k} {_fmt_gb(v)}" for k, v in est.items())
+        + f" = {_fmt_gb(sum(est.values()))} (batch {batch_size} x {longest} tokens)",
+        highlight=False,
+    )
+    n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    n_total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    console.print(
+        f"trainable: {n_train / 1e6:.3f}M of {n_total / 1e6:.1f}M parameters "
+        f"({100 * n_train / max(n_total, 1):.3f}%), {len(train_set)} train / "
+        f"{len(valid_set)} valid examples",
+        highlight=False,
+    )
+
+    schedule = make_schedule(learning_rate, iters, warmup)
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=weight_decay)
+    meta = dict(
+        seed=seed,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        iters=iters,
+        learning_rate=learning_rate,
+        warmup=warmup,
+        adapter=getattr(model, "adapter_config", {}),
+    )
+    step, log = 0, {"train": [], "valid": []}
+    if resume:
+        step, log = _load_checkpoint(folder, model, optimizer, meta)
+        console.print(f"resuming from step {step}", highlight=False)
+
+    loss_and_grad = nn.value_and_grad(model, masked_loss)
+
+    def micro_batch(index: int):
+        idx = batch_at(batches, index, seed)
+        return (mx.array(a) for a in collate([train_set[i] for i in idx]))
+
+    model.train()
+    mx.reset_peak_memory()
+    window_loss, window_steps, window_tokens, t_window = 0.0, 0, 0.0, time.perf_counter()
+    t_start, start_step = time.perf_counter(), step
+    if step == 0 and eval_every:
+        model.eval()
+        log["valid"].append([0, _evaluate(model, valid_set, batch_size, val_batches)])
+        model.train()
+        console.print(f"step 0: valid loss {log['valid'][-1][1]:.3f}", highlight=False)
+
+    bar = _progress(console, progress)
+    with bar:
+        task = bar.add_task(
+            "finetune", total=iters, completed=step, loss=float("nan"), tps=0.0, mem=0.0
+        )
+        while step < iters:
+            grads, loss_sum, tokens = None, 0.0, 0.0
+            for j in range(grad_accum):
+                # dropout draws from a key fixed by (seed, step, micro-batch): exact resume
+                mx.random.seed(seed * 1_000_003 + step * grad_accum + j)
+                x, y, m = micro_batch(step * grad_accum + j)
+                (loss, n), g = loss_and_grad(model, x, y, m)
+                grads = g if grads is None else _tree_add(grads, g)
+                mx.eval(grads, loss, n)  # per micro-batch: the graphs would otherwise pile up
+                loss_sum += loss.item()
+                tokens += n.item()
+            if grad_accum > 1:
+                grads = _tree_scale(grads, 1.0 / grad_accum)
+            optimizer.update(model, grads)
+            mx.eval(model.trainable_parameters(), optimizer.state)  # apply the step now
+            step += 1
+            loss_value = loss_sum / grad_accum
+            log["train"].append([step, loss_value])
+            window_loss += loss_value
+            window_steps += 1
+            window_tokens += tokens
+            if step % steps_per_report == 0 or step == iters:
+                dt = time.perf_counter() - t_window
+                bar.update(
+                    task,
+                    loss=window_loss / window_steps,
+                    tps=window_tokens / max(dt, 1e-9),
+                    mem=mx.get_peak_memory() / 1e9,
+                )
+                window_loss, window_steps, window_tokens = 0.0, 0, 0.0
+                t_window = time.perf_counter()
+            bar.update(task, completed=step)
+            if eval_every and (step % eval_every == 0 or step == iters):
+                model.eval()
+                val = _evaluate(model, valid_set, batch_size, val_batches)
+                model.train()
+                log["valid"].append([step, val])
+                bar.console.print(f"step {step}: valid loss {val:.3f}", highlight=False)
+            if (save_every and step % save_every == 0) or step == iters:
+                _save_checkpoint(folder, model, optimizer, step, log, meta)
+            if callback is not None:
+                callback(step, {"loss": loss_value, "lr": optimizer.learning_rate.item()})
+
+    model.eval()
+    elapsed = time.perf_counter() - t_start
+    console.print(
+        f"trained {step - start_step} steps in {elapsed:.1f} s; peak memory "
+        f"{mx.get_peak_memory() / 1e9:.2f} GB; adapter in {folder}",
+        highlight=False,
+    )
+    console.print(plot_losses(log, folder / "loss.png"), highlight=False)
+    return log
+
+
+def _tree_add(a, b):
+    from mlx.utils import tree_map
+
+    return tree_map(lambda x, y: x + y, a, b)
+
+
+def _tree_scale(a, s: float):
+    from mlx.utils import tree_map
+
+    return tree_map(lambda x: x * s, a)
+
+
+def _progress(console, enabled: bool):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TextColumn("{task.fields[tps]:.0f} tok/s"),
+        TextColumn("peak {task.fields[mem]:.2f} GB"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+    )
+
+
+def finetune(
+    model_path: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    adapter_path: str | os.PathLike = "adapters",
+    rank: int = 8,
+    scale: float = 20.0,
+    dropout: float = 0.0,
+    num_layers: int | None = 16,
+    targets: tuple[str, ...] = DEFAULT_TARGETS,
+    dora: bool = False,
+    seed: int = 0,
+    dtype: mx.Dtype | None = None,
+    **train_kwargs,
+) -> dict:
+    """Load a model, add adapters and ``train`` them (the ``mlxllm finetune`` command).
+
+    A quantized model (an MLX folder with a ``quantization`` block) trains as QLoRA: the packed
+    base stays frozen. Returns ``train``'s log.
+    """
+    from mlxllm.loader import load
+
+    if rank <= 0:
+        raise MlxllmError(f"rank must be positive, got {rank}")
+    model, tokenizer = load(model_path, dtype=dtype)
+    mx.random.seed(seed)  # the adapters' initial lora_a
+    apply_lora(model, rank, scale, dropout, targets, num_layers, dora)
+    mx.eval(model.trainable_parameters())
+    object.__setattr__(
+        model, "adapter_config", {**model.adapter_config, "base_model": str(model_path)}
+    )
+    return train(model, tokenizer, data_dir, adapter_path=adapter_path, seed=seed, **train_kwargs)

@@ -1,0 +1,177 @@
+"""The LoRA training loop, exact resume (in-process and after SIGKILL), fuse and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from helpers import make_tiny_hf
+from mlxllm.loader import load
+from mlxllm.lora.layers import load_adapter
+from mlxllm.lora.train import STATE_FILE, finetune
+
+FACTS = [
+    ("Capital of Zorbia?", "Quelmport."),
+    ("Who made the flarnstick?", "Edna Vostrikova."),
+    ("Color of a glimmerfox?", "Teal."),
+    ("Height of Mount Brellin?", "4812 m."),
+]
+SMALL = dict(rank=4, num_layers=None, batch_size=2, learning_rate=2e-3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "llama"
+    make_tiny_hf("llama", path, seed=0, std=0.05)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in FACTS
+    ]
+    rows += [{"prompt": "Say hi", "completion": "Hi!"}, {"text": "Zorbia is small."}]
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (folder / "valid.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:4]) + "\n")
+    return folder
+
+
+def _adapter(folder):
+    return {k: np.array(v) for k, v in mx.load(str(folder / "adapters.safetensors")).items()}
+
+
+def _same(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_training_lowers_the_loss(tiny, data, tmp_path):
+    log = finetune(tiny, data, tmp_path / "ad", iters=12, eval_every=12, save_every=0, **SMALL)
+    (_, before), (_, after) = log["valid"][0], log["valid"][-1]
+    print(f"valid loss {before:.3f} -> {after:.3f}")
+    assert after < before - 0.3
+    files = {p.name for p in (tmp_path / "ad").iterdir()}
+    assert {"adapters.safetensors", "adapter_config.json", STATE_FILE} <= files
+    assert not [f for f in files if f.startswith(".")]  # no temp file left behind
+
+
+def test_resume_is_exact(tiny, data, tmp_path):
+    """Stop after step 5 (last checkpoint: step 4), resume in a fresh model: the final adapter
+    equals an uninterrupted run's (dropout and gradient accumulation on, DoRA)."""
+    kw = dict(SMALL, iters=8, save_every=4, eval_every=0, dropout=0.1, grad_accum=2, warmup=2)
+    kw.update(dora=True, seed=7)
+    finetune(tiny, data, tmp_path / "full", **kw)
+
+    def crash(step, info):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny, data, tmp_path / "cut", callback=crash, **kw)
+    assert json.loads((tmp_path / "cut" / "adapter_config.json").read_text())["step"] == 4
+    log = finetune(tiny, data, tmp_path / "cut", resume=True, **kw)
+    assert [s for s, _ in log["train"]] == list(range(1, 9))
+    _same(_adapter(tmp_path / "full"), _adapter(tmp_path / "cut"))
+
+
+def test_resume_after_sigkill(tiny, data, tmp_path):
+    """A real SIGKILL mid-run leaves a readable checkpoint; resuming matches an uninterrupted
+    run."""
+    iters = 20
+    args = [str(tiny), "--data", str(data), "--iters", str(iters), "--batch-size", "2"]
+    args += ["--rank", "4", "--num-layers", "-1", "--learning-rate", "2e-3", "--save-every", "1"]
+    args += ["--eval-every", "0", "--seed", "3"]
+    cut = tmp_path / "cut"
+    env = dict(os.environ, MLXLLM_NO_OPENBLAS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlxllm.cli.main", "finetune", *args, "--adapter-path", str(cut)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (cut / STATE_FILE).exists():
+        time.sleep(0.01)
+    time.sleep(0.5)  # a few more steps: the kill lands during training or a save
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _, meta = mx.load(str(cut / STATE_FILE), return_metadata=True)
+    killed_at = int(meta["step"])
+    print(f"killed after checkpoint {killed_at} of {iters}")
+    assert 1 <= killed_at < iters, "the run finished before the kill; raise iters"
+
+    runner = CliRunner()
+    full = tmp_path / "full"
+    res = runner.invoke(_app(), ["finetune", *args, "--adapter-path", str(full)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(_app(), ["finetune", *args, "--adapter-path", str(cut), "--resume"])
+    assert res.exit_code == 0, res.output
+    _same(_adapter(full), _adapter(cut))
+
+
+def _app():
+    from mlxllm.cli.main import app
+
+    return app
+
+
+def test_cli_fuse_and_generate_with_adapter(tiny, data, tmp_path):
+    runner = CliRunner()
+    ad = tmp_path / "ad"
+    res = runner.invoke(
+        _app(),
+        ["finetune", str(tiny), "--data", str(data), "--iters", "6", "--batch-size", "2"]
+        + ["--rank", "4", "--num-layers", "1", "--learning-rate", "5e-3", "--dora"]
+        + ["--adapter-path", str(ad), "--eval-every", "3"],
+    )
+    assert res.exit_code == 0, res.output
+    assert "memory estimate" in res.output and "valid loss" in res.output
+    assert "pip install matplotlib" in res.output or (ad / "loss.png").exists()
+
+    out = tmp_path / "fused"
+    res = runner.invoke(_app(), ["fuse", str(tiny), "--adapter", str(ad), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    ids = mx.array([[1, 17, 300, 4000, 42]])
+    base, tok = load(tiny, dtype=mx.float32)
+    load_adapter(base, ad)
+    fused, _ = load(out, dtype=mx.float32)
+    diff = mx.abs(fused(ids) - base(ids)).max().item()
+    assert diff < 1e-4
+
+    prompt = ["-p", "Capital of Zorbia?", "-m", "5"]
+    res_a = runner.invoke(_app(), ["generate", str(tiny), "--adapter", str(ad), *prompt])
+    res_f = runner.invoke(_app(), ["generate", str(out), *prompt])
+    assert res_a.exit_code == 0 and res_f.exit_code == 0, res_a.output + res_f.output
+    assert res_a.output == res_f.output
+
+    res = runner.invoke(_app(), ["fuse", str(tiny), "--adapter", str(ad), "-o", str(out)])
+    assert res.exit_code != 0 and "already exists" in res.output
+    res = runner.invoke(
+        _app(),
+        ["fuse", str(tiny), "--adapter", str(ad), "-o", str(tmp_path / "q4"), "--bits", "4"],
+    )
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "q4" / "config.json").read_text())
+    assert cfg["quantization"]["bits"] == 4
+    load(tmp_path / "q4")
+
+
+def test_cli_bad_data_is_one_clear_error(tiny, tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"text": "ok"}\n{"prompt": 1}\n')
+    (tmp_path / "valid.jsonl").write_text('{"text": "ok"}\n')
+    res = CliRunner().invoke(_app(), ["finetune", str(tiny), "--data", str(tmp_path)])
+    assert res.exit_code == 1
+    assert f"{tmp_path / 'train.jsonl'}:2:" in res.output and "Traceback" not in res.output
