@@ -9,6 +9,7 @@ failure or Ctrl-C leaves no OUT behind and an existing OUT is only replaced with
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -30,6 +31,28 @@ COPY_FILES = (
 )
 DTYPES = ("bfloat16", "float16", "float32")
 _LAYER_PREFIX = re.compile(r"(.*?\.layers\.\d+)\.")
+
+
+@contextlib.contextmanager
+def staged_output(out: Path):
+    """Yield a temporary sibling of ``out`` to write into. On success it takes ``out``'s place
+    (an existing ``out`` is removed only then); on any failure, Ctrl-C included, it is deleted,
+    so a half-written model never appears under ``out``."""
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _source_files(src: Path, allow_pickle: bool) -> list[Path]:
@@ -141,12 +164,8 @@ def convert(
     )
     modules = dict(model.named_modules())
 
-    # 2. stream shards into a temporary sibling folder
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    # 2. stream shards into a temporary sibling folder that replaces OUT only when complete
+    with staged_output(out) as tmp:
         chosen: dict[str, dict] = {}
         progress_bar = _progress(progress)
         task = None
@@ -207,18 +226,6 @@ def convert(
             else "none",
         }
         (tmp / "README.md").write_text(_model_card(str(src), settings))
-
-        # 3. publish: swap in atomically (an existing OUT is removed only after success)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

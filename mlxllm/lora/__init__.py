@@ -45,7 +45,7 @@ def fuse(
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from mlxllm.convert import COPY_FILES
+    from mlxllm.convert import COPY_FILES, staged_output
     from mlxllm.convert.safetensors_io import StreamingWriter, write_index
     from mlxllm.loader import load_config, load_model, resolve
     from mlxllm.lora.layers import fuse_model, load_adapter
@@ -77,10 +77,7 @@ def fuse(
         config["quantization"] = config["quantization_config"] = block
     config["torch_dtype"] = str(out_dtype).split(".")[-1]
 
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_output(out) as tmp:
         writer = StreamingWriter(tmp, int(2e9))
         tensors = dict(tree_flatten(model.parameters()))
         tensors.update(getattr(model, "aside_weights", {}) or {})
@@ -91,14 +88,4 @@ def fuse(
         for name in COPY_FILES:
             if (path / name).exists():
                 shutil.copy(path / name, tmp / name)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
