@@ -6,6 +6,7 @@ transformers. Each command imports what it needs.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import sys
@@ -30,24 +31,31 @@ def _fail(msg: str, code: int = 1):
     raise typer.Exit(code)
 
 
-def _load(model: str, dtype: str | None):
+@contextlib.contextmanager
+def _user_errors(interrupted: str | None = None):
+    """Errors caused by input or environment become one red line and exit 1; with
+    ``interrupted``, Ctrl-C prints it and exits 130. Anything else is a bug: traceback."""
     from mlxllm.errors import MlxllmError
 
     try:
+        yield
+    except (MlxllmError, FileNotFoundError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        _fail(interrupted, 130)
+
+
+def _load(model: str, dtype: str | None):
+    if dtype and dtype not in ("float32", "float16", "bfloat16"):
+        _fail(f"unknown --dtype {dtype!r}; use float32, float16 or bfloat16")
+    with _user_errors():
         import mlx.core as mx
 
         from mlxllm.loader import load
 
-        dt = None
-        if dtype:
-            if dtype not in ("float32", "float16", "bfloat16"):
-                _fail(f"unknown --dtype {dtype!r}; use float32, float16 or bfloat16")
-            dt = getattr(mx, dtype)
-        return load(model, dtype=dt)
-    except MlxllmError as e:
-        _fail(str(e))
-    except FileNotFoundError as e:
-        _fail(str(e))
+        return load(model, dtype=getattr(mx, dtype) if dtype else None)
 
 
 def _sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed) -> dict:
@@ -79,13 +87,10 @@ Adapter = typer.Option(None, "--adapter", help="LoRA adapter folder (from `mlxll
 def _apply_adapter(model, adapter: str | None):
     if adapter is None:
         return model
-    from mlxllm.errors import MlxllmError
     from mlxllm.lora.layers import load_adapter
 
-    try:
+    with _user_errors():
         return load_adapter(model, adapter)
-    except MlxllmError as e:
-        _fail(str(e))
 
 
 @app.command()
@@ -197,9 +202,8 @@ def convert(
 ):
     """Convert a Hugging Face checkpoint to MLX safetensors, optionally quantized."""
     from mlxllm.convert import convert as run_convert
-    from mlxllm.errors import MlxllmError
 
-    try:
+    with _user_errors("interrupted; nothing was written"):
         path = run_convert(
             src,
             out,
@@ -212,10 +216,6 @@ def convert(
             allow_pickle=allow_pickle,
             shard_size_gb=shard_size_gb,
         )
-    except MlxllmError as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        _fail("interrupted; nothing was written", 130)
     typer.echo(f"wrote {path}")
 
 
@@ -245,9 +245,8 @@ def finetune(
     dtype: str | None = Dtype,
 ):
     """Train a LoRA (QLoRA on a quantized model, DoRA with --dora) adapter."""
-    from mlxllm.errors import MlxllmError
-
-    try:
+    interrupted = f"interrupted; the last checkpoint in {adapter_path} is intact (--resume)"
+    with _user_errors(interrupted):
         import mlx.core as mx
 
         from mlxllm.lora.train import finetune as run_finetune
@@ -274,10 +273,6 @@ def finetune(
             max_seq_length=max_seq_length,
             mask_prompt=mask_prompt,
         )
-    except MlxllmError as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        _fail(f"interrupted; the last checkpoint in {adapter_path} is intact (--resume)", 130)
 
 
 @app.command()
@@ -292,10 +287,9 @@ def fuse(
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ):
     """Merge an adapter into its base model and write a model folder."""
-    from mlxllm.errors import MlxllmError
     from mlxllm.lora import fuse as run_fuse
 
-    try:
+    with _user_errors("interrupted; nothing was written"):
         path = run_fuse(
             model,
             adapter,
@@ -306,8 +300,6 @@ def fuse(
             dtype=dtype,
             force=force,
         )
-    except MlxllmError as e:
-        _fail(str(e))
     typer.echo(f"wrote {path}")
 
 

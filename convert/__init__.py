@@ -33,6 +33,18 @@ DTYPES = ("bfloat16", "float16", "float32")
 _LAYER_PREFIX = re.compile(r"(.*?\.layers\.\d+)\.")
 
 
+def check_output(out, force: bool, bits: int | None, dtype: str | None) -> Path:
+    """Validate the settings shared by ``convert`` and ``fuse`` before any work starts."""
+    out = Path(out).expanduser()
+    if out.exists() and not force:
+        raise MlxllmError(f"{out} already exists; pass --force to replace it")
+    if bits is not None and not 2 <= bits <= 8:
+        raise MlxllmError(f"--bits {bits} is not supported; use 2, 3, 4, 5, 6 or 8")
+    if dtype is not None and dtype not in DTYPES:
+        raise MlxllmError(f"--dtype {dtype} is not supported; use {', '.join(DTYPES)}")
+    return out
+
+
 @contextlib.contextmanager
 def staged_output(out: Path):
     """Yield a temporary sibling of ``out`` to write into. On success it takes ``out``'s place
@@ -133,17 +145,11 @@ def convert(
     from mlxllm.models.transforms import dequant_fp8_weights
     from mlxllm.quant import make_predicate, quantization_config, supported_modes
 
-    out = Path(out).expanduser()
-    if out.exists() and not force:
-        raise MlxllmError(f"{out} already exists; pass --force to replace it")
-    if bits is not None and not 2 <= bits <= 8:
-        raise MlxllmError(f"--bits {bits} is not supported; use 2, 3, 4, 5, 6 or 8")
+    out = check_output(out, force, bits, dtype)
     if group_size not in (16, 32, 64, 128):
         raise MlxllmError(f"--group-size {group_size} is not supported; use 32, 64 or 128")
     if mode != "affine" and mode not in supported_modes():
         raise MlxllmError(f"mode {mode!r} is not supported by this MLX; use affine")
-    if dtype is not None and dtype not in DTYPES:
-        raise MlxllmError(f"--dtype {dtype} is not supported; use {', '.join(DTYPES)}")
 
     # 1. validate everything before writing anything
     path = resolve(src)

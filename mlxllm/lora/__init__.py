@@ -12,8 +12,6 @@ import os
 import shutil
 from pathlib import Path
 
-from mlxllm.errors import MlxllmError
-
 __all__ = ["fuse"]
 
 
@@ -45,19 +43,13 @@ def fuse(
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from mlxllm.convert import COPY_FILES, staged_output
+    from mlxllm.convert import COPY_FILES, check_output, staged_output
     from mlxllm.convert.safetensors_io import StreamingWriter, write_index
     from mlxllm.loader import load_config, load_model, resolve
     from mlxllm.lora.layers import fuse_model, load_adapter
     from mlxllm.quant import make_predicate, quantize_model
 
-    out = Path(out).expanduser()
-    if out.exists() and not force:
-        raise MlxllmError(f"{out} already exists; pass --force to replace it")
-    if bits is not None and not 2 <= bits <= 8:
-        raise MlxllmError(f"--bits {bits} is not supported; use 2, 3, 4, 5, 6 or 8")
-    if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
-        raise MlxllmError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+    out = check_output(out, force, bits, dtype)
     path = resolve(model_path)
     config = load_config(path)
     config.pop("_generation_config", None)

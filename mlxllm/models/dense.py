@@ -59,20 +59,23 @@ class DenseConfig(BaseConfig):
         return self.model_type == "qwen3"
 
 
-def block(c: DenseConfig) -> DecoderBlock:
-    rope = RoPE(c.head_dim, c.rope_theta, c.rope_scaling)
-    attn = Attention(
+def gqa_attention(c, qkv_bias: bool) -> Attention:
+    """The GQA attention of the Llama/Qwen families (dense and MoE) from their config fields."""
+    return Attention(
         c.hidden_size,
         c.num_attention_heads,
         c.num_key_value_heads,
         c.head_dim,
-        rope,
-        qkv_bias=c.qkv_bias,
+        RoPE(c.head_dim, c.rope_theta, c.rope_scaling),
+        qkv_bias=qkv_bias,
         o_bias=c.o_bias,
         qk_norm_eps=c.rms_norm_eps if c.qk_norm else None,
     )
+
+
+def block(c: DenseConfig) -> DecoderBlock:
     mlp = SwiGLU(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-    return DecoderBlock(attn, mlp, c.hidden_size, c.rms_norm_eps)
+    return DecoderBlock(gqa_attention(c, c.qkv_bias), mlp, c.hidden_size, c.rms_norm_eps)
 
 
 class Model(CausalLM):

@@ -25,11 +25,10 @@ import dataclasses
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxllm.layers.attention import Attention
 from mlxllm.layers.mlp import SwiGLU
 from mlxllm.layers.moe import SwitchGLU, softmax_topk
-from mlxllm.layers.rope import RoPE
 from mlxllm.models.base import BaseConfig, CausalLM, DecoderBlock
+from mlxllm.models.dense import gqa_attention
 from mlxllm.models.transforms import stack_experts
 
 
@@ -125,17 +124,7 @@ class SparseMoeBlock(nn.Module):
 
 
 def block(c: MoeConfig, layer: int) -> DecoderBlock:
-    rope = RoPE(c.head_dim, c.rope_theta, c.rope_scaling)
-    attn = Attention(
-        c.hidden_size,
-        c.num_attention_heads,
-        c.num_key_value_heads,
-        c.head_dim,
-        rope,
-        qkv_bias=c.has_qkv_bias,
-        o_bias=c.o_bias,
-        qk_norm_eps=c.rms_norm_eps if c.qk_norm else None,
-    )
+    attn = gqa_attention(c, c.has_qkv_bias)
     if c.is_sparse(layer):
         mlp = SparseMoeBlock(
             c.hidden_size,
