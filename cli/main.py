@@ -242,6 +242,10 @@ def finetune(
     mask_prompt: bool = typer.Option(
         True, "--mask-prompt/--no-mask-prompt", help="Loss on assistant tokens only."
     ),
+    grad_checkpoint: bool = typer.Option(
+        False, "--grad-checkpoint", help="Recompute activations in backward (less memory)."
+    ),
+    compiled: bool = typer.Option(True, "--compile/--no-compile", help="Compile the step."),
     dtype: str | None = Dtype,
 ):
     """Train a LoRA (QLoRA on a quantized model, DoRA with --dora) adapter."""
@@ -272,6 +276,8 @@ def finetune(
             warmup=warmup,
             max_seq_length=max_seq_length,
             mask_prompt=mask_prompt,
+            grad_checkpoint=grad_checkpoint,
+            compiled=compiled,
         )
 
 

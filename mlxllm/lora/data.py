@@ -197,10 +197,17 @@ def batch_at(batches: list[list[int]], index: int, seed: int) -> list[int]:
     return batches[perm[k]]
 
 
-def collate(examples: list[Example], pad_id: int = 0):
+def collate(examples: list[Example], pad_id: int = 0, pad_multiple: int = 1, max_length: int = 0):
     """Pad to the longest example. Returns numpy ``(inputs, targets, mask)``, each ``[B, L-1]``:
-    position t predicts token t+1, counted where that target token is masked in."""
-    L = max(len(e.ids) for e in examples)
+    position t predicts token t+1, counted where that target token is masked in.
+
+    ``pad_multiple`` rounds ``L-1`` up (fewer distinct shapes for a compiled step), but not
+    past ``max_length`` tokens; padding is masked out and, being at the end, never seen by
+    earlier positions.
+    """
+    longest = max(len(e.ids) for e in examples)
+    L = -(-(longest - 1) // pad_multiple) * pad_multiple + 1
+    L = max(longest, min(L, max_length)) if max_length else L
     ids = np.full((len(examples), L), pad_id, dtype=np.int32)
     mask = np.zeros((len(examples), L), dtype=np.float32)
     for b, e in enumerate(examples):

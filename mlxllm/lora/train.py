@@ -1,4 +1,4 @@
-"""The LoRA training loop: AdamW with warmup + cosine decay on a masked cross-entropy.
+"""The LoRA training loop: Adam(W) with warmup + cosine decay on a masked cross-entropy.
 
 Resuming is exact: the data order and the dropout key are pure functions of ``(seed, step)``, and
 every checkpoint holds the adapter, the optimizer state and the step in ONE file
@@ -12,12 +12,13 @@ import json
 import os
 import time
 from collections.abc import Callable
+from functools import cache, partial
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlxllm.errors import MlxllmError
 from mlxllm.lora.data import batch_at, collate, load_dataset, make_batches
@@ -171,6 +172,8 @@ def train(
     steps_per_report: int = 10,
     progress: bool = True,
     callback: Callable[[int, dict], None] | None = None,
+    grad_checkpoint: bool = False,
+    compiled: bool = True,
 ) -> dict:
     """Train the adapter parameters of ``model`` (see ``apply_lora``) on a data folder.
 
@@ -195,6 +198,10 @@ def train(
         steps_per_report: steps between progress updates of the loss.
         progress: show a Rich progress bar and messages.
         callback: ``callback(step, info)`` after every step (``info``: loss, lr, tokens).
+        grad_checkpoint: recompute each adapted block's activations in the backward pass
+            (less memory, ~30% more compute).
+        compiled: run the step through ``mx.compile`` (batches are padded to a multiple of 32
+            tokens so that few shapes are compiled).
 
     Returns:
         The log: ``{"train": [[step, loss], ...], "valid": [[step, loss], ...]}``.
@@ -226,7 +233,10 @@ def train(
     )
 
     schedule = make_schedule(learning_rate, iters, warmup)
-    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=weight_decay)
+    if weight_decay:
+        optimizer = optim.AdamW(learning_rate=schedule, weight_decay=weight_decay)
+    else:  # the same update without AdamW's decay pass (one temporary per parameter less)
+        optimizer = optim.Adam(learning_rate=schedule)
     meta = dict(
         seed=seed,
         batch_size=batch_size,
@@ -241,11 +251,15 @@ def train(
         step, log = _load_checkpoint(folder, model, optimizer, meta)
         console.print(f"resuming from step {step}", highlight=False)
 
-    loss_and_grad = nn.value_and_grad(model, masked_loss)
+    if grad_checkpoint:
+        checkpoint_blocks(model)
+    if not resume:
+        optimizer.init(model.trainable_parameters())  # the compiled step needs the state tree
+    step_fn = make_step(model, optimizer, grad_accum, compiled=compiled)
 
     def micro_batch(index: int):
         idx = batch_at(batches, index, seed)
-        return (mx.array(a) for a in collate([train_set[i] for i in idx]))
+        return (mx.array(a) for a in collate([train_set[i] for i in idx], 0, 32, max_seq_length))
 
     model.train()
     mx.reset_peak_memory()
@@ -268,15 +282,12 @@ def train(
                 # dropout draws from a key fixed by (seed, step, micro-batch): exact resume
                 mx.random.seed(seed * 1_000_003 + step * grad_accum + j)
                 x, y, m = micro_batch(step * grad_accum + j)
-                (loss, n), g = loss_and_grad(model, x, y, m)
-                grads = g if grads is None else _tree_add(grads, g)
-                mx.eval(grads, loss, n)  # per micro-batch: the graphs would otherwise pile up
+                loss, n, grads = step_fn(x, y, m, grads, j == grad_accum - 1)
+                # evaluate per micro-batch (the graphs would otherwise pile up); after the last
+                # one this applies the optimizer update
+                mx.eval(loss, n, grads, model.trainable_parameters(), optimizer.state)
                 loss_sum += loss.item()
                 tokens += n.item()
-            if grad_accum > 1:
-                grads = _tree_scale(grads, 1.0 / grad_accum)
-            optimizer.update(model, grads)
-            mx.eval(model.trainable_parameters(), optimizer.state)  # apply the step now
             step += 1
             loss_value = loss_sum / grad_accum
             log["train"].append([step, loss_value])
@@ -316,16 +327,59 @@ def train(
     return log
 
 
-def _tree_add(a, b):
-    from mlx.utils import tree_map
+def make_step(model: nn.Module, optimizer, grad_accum: int, compiled: bool = True):
+    """``step(x, y, mask, grads, update) -> (loss, n_tokens, grads)``.
 
-    return tree_map(lambda x, y: x + y, a, b)
+    Adds this micro-batch's gradients to ``grads`` (None for the first); with ``update`` it
+    averages them over ``grad_accum``, applies the optimizer and returns ``grads=None``.
+    Compiled, the model, optimizer and random state are the function's implicit inputs and
+    outputs; build it after the optimizer state exists (``optimizer.init`` or a resume).
+    """
+    loss_and_grad = nn.value_and_grad(model, masked_loss)
+
+    def step(x, y, m, grads, update: bool):
+        (loss, n), g = loss_and_grad(model, x, y, m)
+        if grads is not None:
+            g = tree_map(lambda a, b: a + b, grads, g)
+        if update:
+            if grad_accum > 1:
+                g = tree_map(lambda a: a / grad_accum, g)
+            optimizer.update(model, g)
+            g = None
+        return loss, n, g
+
+    if not compiled:
+        return step
+    state = [model.state, optimizer.state, mx.random.state]
+    return partial(mx.compile, inputs=state, outputs=state)(step)
 
 
-def _tree_scale(a, s: float):
-    from mlx.utils import tree_map
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Gradient checkpointing for every block that holds trainable (adapter) parameters.
 
-    return tree_map(lambda x: x * s, a)
+    Refuses adapter dropout: the backward pass would recompute the block with new dropout
+    masks, so the gradients would not belong to the forward pass.
+    """
+    if any(isinstance(m, nn.Dropout) and m._p_1 < 1 for _, m in model.named_modules()):
+        raise MlxllmError(
+            "gradient checkpointing with adapter dropout would recompute with new dropout "
+            "masks; drop --dropout or --grad-checkpoint"
+        )
+    for block in model.layers:
+        if tree_flatten(block.trainable_parameters()):
+            block.__class__ = _checkpointed(type(block))
+
+
+@cache
+def _checkpointed(cls: type) -> type:
+    def __call__(self, x, *args, **kwargs):
+        def inner(params, x):
+            self.update(params)
+            return cls.__call__(self, x, *args, **kwargs)
+
+        return mx.checkpoint(inner)(self.trainable_parameters(), x)
+
+    return type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__})
 
 
 def _progress(console, enabled: bool):
