@@ -316,3 +316,22 @@ def test_stack_experts_refuses_missing_experts():
     # a shard holding experts 0..1 of 3 would otherwise be stacked as a 2-expert layer
     with pytest.raises(MlxllmError, match="2 of 3"):
         stack_experts(_per_expert(n_experts=2), 3)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("sort", [False, True])
+def test_weighted_experts_equal_the_weighted_sum(bias, quantized, sort):
+    """``glu(x, idx, weights)`` (unsorted: weights folded into the fused SwiGLU before
+    ``down_proj``; with a bias or sorted: applied to the outputs) equals the weighted sum of the
+    per-expert outputs."""
+    glu = _glu(bias=bias)
+    if quantized:
+        nn.quantize(glu, group_size=32, bits=8)
+    x, idx = mx.array(_hidden(14, n=6).reshape(2, 3, D)), mx.array(_indices(6).reshape(2, 3, K))
+    w = mx.random.uniform(shape=idx.shape)
+    per_expert = glu(x, idx, sort=sort)  # [2, 3, K, D]
+    ref = np.array((per_expert * w[..., None]).sum(axis=-2))
+    ours = glu(x, idx, w, sort=sort)
+    assert ours.shape == (2, 3, D)
+    np.testing.assert_allclose(np.array(ours), ref, rtol=1e-4, atol=1e-5)

@@ -21,6 +21,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlxllm.layers.mlp import swiglu, weighted_swiglu
+
 # group_size, bits that mx.quantize uses for each mode when they are not given
 _QUANT_DEFAULTS = {"affine": (64, 4), "mxfp4": (32, 4), "mxfp8": (32, 8), "nvfp4": (16, 4)}
 
@@ -206,10 +208,10 @@ class SwitchGLU(nn.Module):
         self.up_proj = SwitchLinear(dim, hidden_dim, n_experts, bias)
         self.down_proj = SwitchLinear(hidden_dim, dim, n_experts, bias)
 
-    def _experts(self, x, indices, sorted_indices):
-        h = nn.silu(self.gate_proj(x, indices, sorted_indices)) * self.up_proj(
-            x, indices, sorted_indices
-        )
+    def _experts(self, x, indices, sorted_indices, weight=None):
+        g = self.gate_proj(x, indices, sorted_indices)
+        u = self.up_proj(x, indices, sorted_indices)
+        h = swiglu(g, u) if weight is None else weighted_swiglu(g, u, weight)
         return self.down_proj(h, indices, sorted_indices)
 
     def _segments(self, rows: mx.array, sorted_indices: mx.array) -> mx.array:
@@ -221,12 +223,21 @@ class SwitchGLU(nn.Module):
         h = nn.silu(self.gate_proj.segments(rows, counts)) * self.up_proj.segments(rows, counts)
         return self.down_proj.segments(h, counts)
 
-    def __call__(self, x: mx.array, indices: mx.array, sort: bool | None = None) -> mx.array:
-        """``x[..., D]``, ``indices[..., k]`` -> per-expert outputs ``[..., k, D]`` (unweighted).
+    def __call__(
+        self,
+        x: mx.array,
+        indices: mx.array,
+        weights: mx.array | None = None,
+        sort: bool | None = None,
+    ) -> mx.array:
+        """``x[..., D]``, ``indices[..., k]`` -> per-expert outputs ``[..., k, D]``, or with
+        ``weights[..., k]`` their weighted sum ``[..., D]``.
 
         ``sort`` (default: when there are at least ``SORT_THRESHOLD`` token-expert pairs) groups
         the rows by expert first so that ``gather_mm`` reads each expert's weights once (on the
-        CPU backend: one dense matmul per expert over its rows).
+        CPU backend: one dense matmul per expert over its rows). Unsorted (decode), the weights
+        scale the hidden activations inside the fused SwiGLU kernel rather than the outputs
+        after ``down_proj`` (equal since ``down_proj`` is linear; not with a bias).
         """
         lead, D, k = x.shape[:-1], x.shape[-1], indices.shape[-1]
         if sort is None:
@@ -237,10 +248,17 @@ class SwitchGLU(nn.Module):
                 y = self._segments(rows[:, 0], idx)  # [N*k, D] in expert order
             else:
                 y = self._experts(rows, idx, True)  # [N*k, 1, D] in expert order
-            return y[inverse].reshape(*lead, k, D)
-        # [..., D] -> [..., 1, 1, D]: one row block per token, broadcast over its k experts
-        y = self._experts(x[..., None, None, :], indices, False)  # [..., k, 1, D]
-        return y.squeeze(-2)
+            y = y[inverse].reshape(*lead, k, D)
+        elif weights is not None and "bias" not in self.down_proj:
+            # [..., D] -> [..., 1, 1, D]: one row block per token, broadcast over its k experts
+            w = weights[..., None, None]  # [..., k, 1, 1]
+            y = self._experts(x[..., None, None, :], indices, False, w)  # [..., k, 1, D]
+            return y.sum(axis=-3).squeeze(-2)
+        else:
+            y = self._experts(x[..., None, None, :], indices, False).squeeze(-2)  # [..., k, D]
+        if weights is None:
+            return y
+        return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
 
 
 # ---- routers: logits [..., n_experts] -> (indices [..., k], weights [..., k] float32) ----
@@ -303,7 +321,9 @@ def group_limited_greedy(
     keep = _group_mask(grouped.max(axis=-1), topk_group, n_experts)
     masked = mx.where(keep, scores, 0.0)  # HF fills dropped groups with 0, not -inf
     indices = _topk(masked, k)
-    weights = mx.take_along_axis(masked, indices, axis=-1) * routed_scaling_factor
+    weights = mx.take_along_axis(masked, indices, axis=-1)
+    if routed_scaling_factor != 1.0:  # one kernel less per layer and decode step
+        weights = weights * routed_scaling_factor
     return indices, weights
 
 
@@ -341,4 +361,6 @@ def noaux_tc(
     weights = mx.take_along_axis(scores, indices, axis=-1)
     if norm_topk_prob:
         weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
-    return indices, weights * routed_scaling_factor
+    if routed_scaling_factor != 1.0:
+        weights = weights * routed_scaling_factor
+    return indices, weights

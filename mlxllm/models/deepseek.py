@@ -141,7 +141,9 @@ class Router(nn.Module):
         # for 16B/Lite; deepseek-moe-16b has no scaling factor)
         if c.norm_topk_prob and k > 1:
             return indices, weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
-        return indices, weights * c.routed_scaling_factor
+        if c.routed_scaling_factor != 1.0:
+            weights = weights * c.routed_scaling_factor
+        return indices, weights
 
 
 class MoE(nn.Module):
@@ -158,8 +160,7 @@ class MoE(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         indices, weights = self.gate(x)
-        y = self.experts(x, indices)  # [..., k, D]
-        y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+        y = self.experts(x, indices, weights)  # [..., D]
         if "shared_experts" in self:
             y = y + self.shared_experts(x)
         return y

@@ -116,8 +116,7 @@ class SparseMoeBlock(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         indices, weights = softmax_topk(self.gate(x), self.k, self.norm_topk_prob)  # [B, L, k]
-        y = self.experts(x, indices)  # [B, L, k, D]
-        y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+        y = self.experts(x, indices, weights)  # [B, L, D]
         if "shared_expert" in self:
             y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y
