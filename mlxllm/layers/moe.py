@@ -179,6 +179,11 @@ class QuantizedSwitchLinear(nn.Module):
         return mx.concatenate(outs)
 
 
+def _has_bias(m: nn.Module) -> bool:
+    """A bias on the layer or on the base layer an adapter wraps (``linear``)."""
+    return "bias" in m or ("linear" in m and "bias" in m["linear"])
+
+
 def _sort_by_expert(x: mx.array, indices: mx.array):
     """Flatten ``x[N, D]``/``indices[N, k]`` into ``N * k`` rows ordered by expert.
 
@@ -186,8 +191,8 @@ def _sort_by_expert(x: mx.array, indices: mx.array):
     """
     k = indices.shape[-1]
     flat = indices.flatten()
-    order = mx.argsort(flat)
-    inverse = mx.argsort(order)
+    order = mx.stop_gradient(mx.argsort(flat))
+    inverse = mx.stop_gradient(mx.argsort(order))
     rows = x[order // k][:, None]  # token of each (token, slot) pair, grouped by expert
     return rows, flat[order], inverse
 
@@ -249,7 +254,7 @@ class SwitchGLU(nn.Module):
             else:
                 y = self._experts(rows, idx, True)  # [N*k, 1, D] in expert order
             y = y[inverse].reshape(*lead, k, D)
-        elif weights is not None and "bias" not in self.down_proj:
+        elif weights is not None and not _has_bias(self.down_proj):
             # [..., D] -> [..., 1, 1, D]: one row block per token, broadcast over its k experts
             w = weights[..., None, None]  # [..., k, 1, 1]
             y = self._experts(x[..., None, None, :], indices, False, w)  # [..., k, 1, D]
@@ -266,7 +271,8 @@ class SwitchGLU(nn.Module):
 
 def _topk(scores: mx.array, k: int) -> mx.array:
     """Indices of the ``k`` largest scores along the last axis (unordered)."""
-    return mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k]
+    # indices carry no gradient (training adapters through a MoE differentiates the gathers)
+    return mx.stop_gradient(mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k])
 
 
 def softmax_topk(logits: mx.array, k: int, norm_topk_prob: bool):

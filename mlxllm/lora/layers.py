@@ -6,6 +6,9 @@ quantized base stays frozen and packed) and adds a low-rank update::
     y = base(x) + scale * (dropout(x) @ lora_a) @ lora_b      lora_a: [in, r], lora_b: [r, out]
 
 ``lora_b`` starts at zero, so a fresh adapter computes exactly what the base computes.
+``LoRASwitchLinear`` does the same for stacked experts (``SwitchLinear`` and its quantized twin):
+one ``lora_a[e]``/``lora_b[e]`` pair per expert, applied with ``gather_mm`` to the experts each
+token was routed to.
 
 DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv:2402.09353) splits
 the adapted weight into a magnitude and a direction,
@@ -30,6 +33,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxllm.errors import MlxllmError
+from mlxllm.layers.moe import QuantizedSwitchLinear, SwitchLinear, _needs_f32
 
 # Attention projections of GQA blocks: the usual LoRA choice, small and effective.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -150,6 +154,104 @@ class LoRALinear(nn.Module):
         return fused
 
 
+class LoRASwitchLinear(nn.Module):
+    """Frozen stacked experts plus a trainable low-rank update per expert.
+
+    ``y_e = base_e(x) + scale * (dropout(x) @ lora_a[e]) @ lora_b[e]`` for each routed expert
+    ``e``; ``lora_a: [E, in, r]``, ``lora_b: [E, r, out]`` (zero at start).
+    """
+
+    @classmethod
+    def from_base(
+        cls, switch: nn.Module, rank: int = 8, scale: float = 20.0, dropout: float = 0.0
+    ) -> LoRASwitchLinear:
+        n_experts, out_dims, packed = switch.weight.shape
+        in_dims = (
+            packed * 32 // switch.bits if isinstance(switch, QuantizedSwitchLinear) else packed
+        )
+        switch.freeze()
+        return cls(switch, in_dims, out_dims, n_experts, rank, scale, dropout)
+
+    def __init__(self, base, input_dims, output_dims, n_experts, rank, scale, dropout=0.0):
+        super().__init__()
+        self.linear = base
+        self.dropout = nn.Dropout(p=dropout)
+        self.scale = scale
+        bound = 1 / math.sqrt(input_dims)
+        self.lora_a = mx.random.uniform(-bound, bound, (n_experts, input_dims, rank))
+        self.lora_b = mx.zeros((n_experts, rank, output_dims))
+
+    @property
+    def n_experts(self) -> int:
+        return self.lora_a.shape[0]
+
+    def _lora(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+        dtype = mx.float32 if _needs_f32(x.dtype) else x.dtype  # CPU gather_mm: float32 only
+        x = self.dropout(x).astype(dtype)
+        a, b = self.lora_a.astype(dtype), self.lora_b.astype(dtype)
+        z = mx.gather_mm(x, a, rhs_indices=indices, sorted_indices=sorted_indices)
+        return mx.gather_mm(z, b, rhs_indices=indices, sorted_indices=sorted_indices)
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        y = self.linear(x, indices, sorted_indices)
+        z = self._lora(x, indices, sorted_indices)
+        return y + (self.scale * z).astype(y.dtype)
+
+    def segments(self, x: mx.array, counts: list[int]) -> mx.array:
+        """The CPU prefill path (rows grouped by expert), see ``SwitchLinear.segments``."""
+        y = self.linear.segments(x, counts)
+        outs, start = [], 0
+        for e, c in enumerate(counts):
+            if c:
+                xe = self.dropout(x[start : start + c]).astype(mx.float32)
+                outs.append((xe @ self.lora_a[e].astype(mx.float32)) @ self.lora_b[e])
+                start += c
+        return y + (self.scale * mx.concatenate(outs)).astype(y.dtype)
+
+    def fused_weight(self) -> mx.array:
+        """Stacked base weights with the adapters merged, float32 ``[E, out, in]``."""
+        base = self.linear
+        if isinstance(base, QuantizedSwitchLinear):
+            w = mx.dequantize(
+                base.weight,
+                base.scales,
+                base.get("biases"),
+                base.group_size,
+                base.bits,
+                mode=base.mode,
+            )
+        else:
+            w = base.weight
+        delta = self.scale * (self.lora_a.astype(mx.float32) @ self.lora_b.astype(mx.float32))
+        return w.astype(mx.float32) + delta.swapaxes(-1, -2)
+
+    def fuse(self, dequantize: bool = False, dtype: mx.Dtype | None = None) -> nn.Module:
+        base = self.linear
+        quantized = isinstance(base, QuantizedSwitchLinear)
+        if dtype is None:
+            dtype = base.scales.dtype if quantized else base.weight.dtype
+        w = self.fused_weight().astype(dtype)
+        n_experts, out_dims, in_dims = w.shape
+        fused = SwitchLinear(in_dims, out_dims, n_experts, bias="bias" in base)
+        fused.weight = w
+        if "bias" in base:
+            fused.bias = base.bias
+        if quantized and not dequantize:
+            fused = QuantizedSwitchLinear.from_float(fused, base.group_size, base.bits, base.mode)
+        return fused
+
+
+def _wrap(m: nn.Module, rank: int, scale: float, dropout: float, dora: bool, path: str):
+    if isinstance(m, (nn.Linear, nn.QuantizedLinear)):
+        return LoRALinear.from_base(m, rank, scale, dropout, dora)
+    if dora:
+        raise MlxllmError(
+            f"DoRA is not supported on stacked experts ({path}); drop --dora or leave the "
+            "expert projections out of the targets"
+        )
+    return LoRASwitchLinear.from_base(m, rank, scale, dropout)
+
+
 def _target_layers(model: nn.Module, num_layers: int | None) -> list[tuple[int, nn.Module]]:
     layers = list(model.layers)
     if num_layers is not None and num_layers <= 0:
@@ -167,7 +269,8 @@ def apply_lora(
     num_layers: int | None = None,
     dora: bool = False,
 ) -> nn.Module:
-    """Freeze ``model`` and wrap the target linears of its last ``num_layers`` blocks in place.
+    """Freeze ``model`` and wrap the target linears of its last ``num_layers`` blocks in place
+    (stacked experts too: ``gate_proj``/``up_proj``/``down_proj`` of a MoE block).
 
     Args:
         model: a built ``CausalLM`` (float or quantized).
@@ -181,10 +284,11 @@ def apply_lora(
     model.freeze()
     found = 0
     for _, block in _target_layers(model, num_layers):
+        adaptable = (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear)
         swaps = [
-            (path, LoRALinear.from_base(m, rank, scale, dropout, dora))
+            (path, _wrap(m, rank, scale, dropout, dora, path))
             for path, m in block.named_modules()
-            if path.rsplit(".", 1)[-1] in targets and isinstance(m, (nn.Linear, nn.QuantizedLinear))
+            if path.rsplit(".", 1)[-1] in targets and isinstance(m, adaptable)
         ]
         if swaps:
             block.update_modules(tree_unflatten(swaps))
@@ -213,7 +317,7 @@ def fuse_model(model: nn.Module, dequantize: bool = False) -> nn.Module:
     swaps = [
         (path, m.fuse(dequantize=dequantize))
         for path, m in model.named_modules()
-        if isinstance(m, LoRALinear)
+        if isinstance(m, (LoRALinear, LoRASwitchLinear))
     ]
     if swaps:
         model.update_modules(tree_unflatten(swaps))
