@@ -3,14 +3,18 @@
 For each config (DeepSeek-V2-Lite, Qwen1.5-MoE-A2.7B by default) and each context length, each
 runtime runs in its own subprocess: it builds the model from the config with random weights,
 fills its KV cache to the context length with random contents (the values do not change the
-speed; this skips a long prefill), then times greedy decode steps. It reports decode tok/s,
-the KV-cache bytes at that context and peak memory, and the mlxllm / mlx-lm ratios.
+speed; this skips a long prefill), then times greedy decode two ways: "sync" (model call,
+argmax, ``mx.eval`` per token: the same loop for both) and "generate" (each tool's own
+``generate_step``, which queues the next step with ``mx.async_eval``: what users get). It
+reports both tok/s, the KV-cache bytes at that context and peak memory, and the mlxllm / mlx-lm
+ratios (medians over ``--repeats`` alternating runs). mlxllm's routers stay float32 as its
+loader leaves them; everything else is in ``--dtype``.
 
 On the CPU use fewer layers (``--layers 2``) and shorter contexts; on a GPU run the full
 configs::
 
     python benchmarks/moe_mla.py --layers 2 --contexts 512 8192 --gen 8      # CPU
-    python benchmarks/moe_mla.py --contexts 512 8192 32768                    # GPU, full depth
+    python benchmarks/moe_mla.py --contexts 8192 32768 131072 --gen 64 --repeats 2   # GPU
 """
 
 from __future__ import annotations

@@ -232,6 +232,12 @@ def finetune(
     dropout: float = typer.Option(0.0, "--dropout", help="Dropout on the adapter input."),
     num_layers: int = typer.Option(16, "--num-layers", help="Adapt the last N blocks (-1: all)."),
     dora: bool = typer.Option(False, "--dora", help="DoRA: also learn per-row magnitudes."),
+    targets: str = typer.Option(
+        "q_proj,k_proj,v_proj,o_proj",
+        "--targets",
+        help="Comma-separated projections to adapt (add gate_proj,up_proj,down_proj for the "
+        "MLP or a MoE's experts).",
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue from --adapter-path."),
     seed: int = typer.Option(0, "--seed", help="Seeds adapter init, data order and dropout."),
     max_seq_length: int = typer.Option(2048, "--max-seq-length", help="Truncate examples."),
@@ -264,6 +270,7 @@ def finetune(
             dropout=dropout,
             num_layers=num_layers if num_layers > 0 else None,
             dora=dora,
+            targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
             seed=seed,
             dtype=getattr(mx, dtype) if dtype else None,
             iters=iters,

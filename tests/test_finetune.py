@@ -10,6 +10,7 @@ import sys
 import time
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -135,10 +136,16 @@ def test_cli_fuse_and_generate_with_adapter(tiny, data, tmp_path):
         _app(),
         ["finetune", str(tiny), "--data", str(data), "--iters", "6", "--batch-size", "2"]
         + ["--rank", "4", "--num-layers", "1", "--learning-rate", "5e-3", "--dora"]
-        + ["--adapter-path", str(ad), "--eval-every", "3"],
+        + ["--adapter-path", str(ad), "--eval-every", "3", "--targets", "q_proj, down_proj"],
     )
     assert res.exit_code == 0, res.output
     assert "memory estimate" in res.output and "valid loss" in res.output
+    saved = json.loads((ad / "adapter_config.json").read_text())
+    assert saved["targets"] == ["q_proj", "down_proj"]
+    names = set(mx.load(str(ad / "adapters.safetensors")))
+    assert any(".mlp.down_proj.lora_a" in k for k in names) and not any(
+        "v_proj" in k for k in names
+    )
     assert "pip install matplotlib" in res.output or (ad / "loss.png").exists()
 
     out = tmp_path / "fused"
@@ -167,6 +174,17 @@ def test_cli_fuse_and_generate_with_adapter(tiny, data, tmp_path):
     cfg = json.loads((tmp_path / "q4" / "config.json").read_text())
     assert cfg["quantization"]["bits"] == 4
     load(tmp_path / "q4")
+
+
+def test_cli_default_targets_are_the_library_defaults():
+    """The CLI spells its --targets default out (importing the library would slow --help)."""
+    import inspect
+
+    from mlxllm.cli.main import finetune as cli_finetune
+    from mlxllm.lora.layers import DEFAULT_TARGETS
+
+    default = inspect.signature(cli_finetune).parameters["targets"].default.default
+    assert tuple(default.split(",")) == DEFAULT_TARGETS
 
 
 def test_cli_bad_data_is_one_clear_error(tiny, tmp_path):
@@ -219,3 +237,44 @@ def test_grad_checkpoint_refuses_dropout(tiny, data, tmp_path):
 
     with pytest.raises(MlxllmError, match="--dropout or --grad-checkpoint"):
         finetune(tiny, data, tmp_path / "x", iters=1, dropout=0.1, grad_checkpoint=True, **SMALL)
+
+
+def test_fused_head_cross_entropy_equals_autodiff_and_saves_memory(monkeypatch):
+    """The chunked head + cross-entropy with its hand-written gradient equals autodiff through
+    the full logits (loss and d/dh), and its peak memory is a fraction of it."""
+    from mlxllm.lora import train as lora_train
+
+    N, D, V = 512, 64, 50_000
+    mx.random.seed(0)
+    w = mx.random.normal((V, D)) * 0.1
+    h = mx.random.normal((N, D))
+    t = mx.random.randint(0, V, (N,))
+    m = (mx.random.uniform(shape=(N,)) > 0.3).astype(mx.float32)
+    mx.eval(w, h, t, m)
+
+    def head(x):
+        return x @ w.T
+
+    def plain(x):
+        return (nn.losses.cross_entropy(head(x), t) * m).sum()
+
+    def fused(x):
+        return lora_train.head_cross_entropy(head, x, t, m)
+
+    monkeypatch.setattr(lora_train, "HEAD_CHUNK_ELEMS", 1 << 20)  # 20 rows per chunk here
+    results = {}
+    for name, fn in (("plain", plain), ("fused", fused)):
+        mx.synchronize()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        value, grad = mx.value_and_grad(fn)(h)
+        mx.eval(value, grad)
+        results[name] = (value.item(), np.array(grad), mx.get_peak_memory() - base)
+        del value, grad
+    (lp, gp, mp), (lf, gf, mf) = results["plain"], results["fused"]
+    print(f"loss {lp:.4f} vs {lf:.4f}; peak {mp / 1e6:.0f} MB vs {mf / 1e6:.0f} MB")
+    np.testing.assert_allclose(lf, lp, rtol=1e-5)
+    np.testing.assert_allclose(gf, gp, rtol=1e-4, atol=1e-6)
+    assert mf < mp / 2
+    value = lora_train.head_cross_entropy_value(head, h, t, m)
+    np.testing.assert_allclose(value.item(), lp, rtol=1e-5)

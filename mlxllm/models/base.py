@@ -127,7 +127,10 @@ class CausalLM(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def __call__(self, ids: mx.array, cache=None) -> mx.array:
-        h = self.model(ids, cache)
+        return self.head(self.model(ids, cache))
+
+    def head(self, h: mx.array) -> mx.array:
+        """Final hidden states ``[..., dim]`` -> logits ``[..., vocab]`` (tied or ``lm_head``)."""
         if self.config.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
