@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import SMOL, TOKENIZER_FILES, fixture_model
 from mlxllm.generation.step import generate_step
 from mlxllm.loader import load_model
 from mlxllm.models import deepseek
@@ -359,3 +361,45 @@ def test_deepseek_moe_v1_matches_mlx_lm(tmp_path):
     ]
     stepped = np.concatenate([np.array(p[0]) for p in pieces])
     np.testing.assert_allclose(stepped, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_mlx_community_v3_layout_loads(tmp_path, bits):
+    """mlx-lm converts DeepSeek-V3 with ``kv_b_proj`` split into ``embed_q``/``unembed_out``
+    (quantized along their last axes); our loader rebuilds ``kv_b_proj`` and computes what
+    mlx-lm computes on that checkpoint (and, unquantized, what transformers computes)."""
+    from mlx_lm import convert as mlx_lm_convert
+    from mlx_lm import load as mlx_lm_load
+
+    dims = dict(qk_nope_head_dim=32, v_head_dim=32, kv_lora_rank=64, q_lora_rank=32)
+    # default RoPE: mlx-lm 0.32 reads no transformers-5 rope_parameters (it would run without
+    # YaRN, see test_convert), and this test is about the attention weights' layout
+    dims["rope_parameters"] = dict(rope_type="default", rope_theta=10000.0)
+    hf_model = make_tiny_deepseek("v3-yarn", tmp_path / "hf", seed=5, **dims)
+    for f in TOKENIZER_FILES:  # mlx_lm.convert needs a tokenizer next to the weights
+        if (fixture_model(SMOL) / f).exists():
+            shutil.copy(fixture_model(SMOL) / f, tmp_path / "hf" / f)
+    out = tmp_path / "mlx"
+    quant = dict(quantize=True, q_group_size=32, q_bits=bits) if bits else {}
+    mlx_lm_convert(str(tmp_path / "hf"), str(out), dtype="float32", **quant)
+    from safetensors import safe_open
+
+    keys = set()
+    for f in out.glob("*.safetensors"):
+        with safe_open(str(f), "np") as sf:
+            keys |= set(sf.keys())
+    assert "model.layers.1.self_attn.embed_q.weight" in keys
+    assert not any("kv_b_proj" in k for k in keys)
+    assert (bits is not None) == ("model.layers.1.self_attn.embed_q.scales" in keys)
+
+    ids = _ids(40, 3)
+    ours = np.array(load_model(out, dtype=mx.float32)(mx.array([ids]))[0])
+    if bits is None:
+        with torch.no_grad():
+            ref = hf_model(torch.tensor([ids])).logits[0].numpy()
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+    theirs_model, _ = mlx_lm_load(str(out))
+    theirs = np.array(theirs_model(mx.array([ids]))[0].astype(mx.float32))
+    diff = np.abs(ours - theirs).max()
+    print(f"bits={bits}: max |ours - mlx-lm| {diff:.2e}")
+    np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-3)

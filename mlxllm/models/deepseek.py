@@ -28,6 +28,7 @@ import mlx.nn as nn
 
 from mlxllm.cache import KVCache
 from mlxllm.cache.latent import LatentCache
+from mlxllm.errors import MlxllmError
 from mlxllm.layers.attention import Attention
 from mlxllm.layers.mla import MLA
 from mlxllm.layers.mlp import SwiGLU
@@ -204,6 +205,42 @@ def block(c: DeepseekConfig, i: int) -> DecoderBlock:
     return DecoderBlock(_attention(c), mlp, c.hidden_size, c.rms_norm_eps)
 
 
+def join_kv_b(weights: dict, c: DeepseekConfig) -> dict:
+    """Rebuild ``kv_b_proj`` from mlx-lm's split MLA layout (mlx-community DeepSeek-V3/R1).
+
+    mlx-lm stores ``self_attn.embed_q.weight`` = ``W_UK^T`` ``[heads, r, nope]`` and
+    ``self_attn.unembed_out.weight`` = ``W_UV`` ``[heads, v, r]`` (each possibly quantized along
+    its last axis) instead of the checkpoint's ``kv_b_proj.weight`` ``[heads * (nope + v), r]``.
+    The split parts are dequantized and joined; ``kv_b_proj`` stays in floating point (it is
+    small: ``heads * (nope + v) * r`` per layer) and feeds the same absorbed/expanded paths.
+    """
+    parts = [k[: -len(".embed_q.weight")] for k in weights if k.endswith(".embed_q.weight")]
+    for prefix in parts:
+        w_uk_t = _dequantized(weights, f"{prefix}.embed_q", c.qk_nope_head_dim)  # [H, r, nope]
+        w_uv = _dequantized(weights, f"{prefix}.unembed_out", c.kv_lora_rank)  # [H, v, r]
+        kv_b = mx.concatenate([w_uk_t.swapaxes(-1, -2), w_uv.astype(w_uk_t.dtype)], axis=1)
+        weights[f"{prefix}.kv_b_proj.weight"] = kv_b.reshape(-1, kv_b.shape[-1])
+    return weights
+
+
+def _dequantized(weights: dict, prefix: str, in_dims: int) -> mx.array:
+    """Pop ``prefix``'s weight (and scales/biases): float, dequantized when stored packed."""
+    w = weights.pop(f"{prefix}.weight")
+    scales = weights.pop(f"{prefix}.scales", None)
+    if scales is None:
+        return w
+    biases = weights.pop(f"{prefix}.biases", None)
+    if biases is None:
+        raise MlxllmError(
+            f"{prefix} is stored in a quantization mode without biases; only affine "
+            "quantization of embed_q/unembed_out is supported; convert from the original "
+            "checkpoint with `mlxllm convert`"
+        )
+    bits = w.shape[-1] * 32 // in_dims
+    group_size = in_dims // scales.shape[-1]
+    return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits)
+
+
 class Model(CausalLM):
     """``model(ids[B, L], cache=None) -> logits[B, L, vocab]``."""
 
@@ -229,7 +266,7 @@ class Model(CausalLM):
         mtp = self._mtp_prefixes()
         aside = {k: v for k, v in weights.items() if k.startswith(mtp)} if mtp else {}
         weights = stack_experts({k: v for k, v in weights.items() if k not in aside})
-        return {**weights, **aside}
+        return {**join_kv_b(weights, self.config), **aside}
 
     def set_aside(self, weights: dict) -> dict:
         """Remove V3's multi-token-prediction layers (``model.layers.{N}..``, N =
