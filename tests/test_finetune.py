@@ -64,6 +64,18 @@ def test_training_lowers_the_loss(tiny, data, tmp_path):
     (_, before), (_, after) = log["valid"][0], log["valid"][-1]
     print(f"valid loss {before:.3f} -> {after:.3f}")
     assert after < before - 0.3
+    assert "test" not in log  # no test.jsonl here; see the next test
+
+
+def test_test_split_is_scored_at_the_end(tiny, data, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for split in ("train", "valid"):
+        (folder / f"{split}.jsonl").write_text((data / f"{split}.jsonl").read_text())
+    (folder / "test.jsonl").write_text((data / "valid.jsonl").read_text())
+    log = finetune(tiny, folder, tmp_path / "ad", iters=4, eval_every=4, save_every=0, **SMALL)
+    # the test file holds the validation rows: the same loss, computed by the same evaluation
+    np.testing.assert_allclose(log["test"][0][1], log["valid"][-1][1], rtol=1e-5)
     files = {p.name for p in (tmp_path / "ad").iterdir()}
     assert {"adapters.safetensors", "adapter_config.json", STATE_FILE} <= files
     assert not [f for f in files if f.startswith(".")]  # no temp file left behind

@@ -409,6 +409,11 @@ def train(
         f"{mx.get_peak_memory() / 1e9:.2f} GB; adapter in {folder}",
         highlight=False,
     )
+    if data.get("test"):  # the optional test split: scored once, at the end
+        test_loss = _evaluate(model, data["test"], batch_size, None)
+        console.print(f"test loss {test_loss:.3f} ({len(data['test'])} examples)", highlight=False)
+        log["test"] = [[step, test_loss]]
+        atomic_write_text(folder / LOG_FILE, json.dumps(log))
     console.print(plot_losses(log, folder / "loss.png"), highlight=False)
     return log
 
