@@ -138,8 +138,9 @@ def make_schedule(lr: float, iters: int, warmup: int, min_lr_ratio: float = 0.1)
 
 
 def memory_estimate(model: nn.Module, batch_size: int, seq_len: int) -> dict[str, float]:
-    """Rough bytes of a training step: weights, adapters (+ grads + 2 AdamW moments) and
-    activations kept for the backward pass (from the first adapted block on, plus logits)."""
+    """Rough bytes of a training step: weights, adapters (+ grads + 2 Adam moments) and
+    activations kept for the backward pass (from the first adapted block on, plus one chunk of
+    logits, see ``masked_loss``)."""
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     adapters = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
     cfg = model.config
@@ -151,11 +152,14 @@ def memory_estimate(model: nn.Module, batch_size: int, seq_len: int) -> dict[str
     heads = getattr(cfg, "num_attention_heads", 1)
     # per block: ~10 hidden-sized tensors, 3 MLP-sized, the attention scores; float32 on CPU
     per_block = tokens * (10 * cfg.hidden_size + 3 * cfg.intermediate_size + heads * seq_len) * 4
-    logits = tokens * cfg.vocab_size * 4 * 3  # logits, log-softmax, its gradient
+    # the fused head + cross-entropy holds one chunk's logits, probabilities and gradient
+    # (rounded up to whole rows) and d/dh for every token
+    rows = max(1, HEAD_CHUNK_ELEMS // cfg.vocab_size)
+    logits = min(tokens, rows) * cfg.vocab_size * 4 * 3 + tokens * cfg.hidden_size * 4
     return {
         "weights": weights,
         "adapters": adapters,
-        "optimizer": 3 * adapters,  # gradients + AdamW m and v
+        "optimizer": 3 * adapters,  # gradients + Adam m and v
         "activations": n_blocks * per_block + logits,
     }
 
