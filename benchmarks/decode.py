@@ -35,7 +35,6 @@ the repository). On Linux OpenBLAS is preloaded into every subprocess when it is
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import platform
@@ -47,13 +46,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-FIXTURES = Path(os.environ.get("MLXLLM_FIXTURES", "~/.cache/mlxllm-fixtures/models")).expanduser()
-DEFAULT_MODEL = FIXTURES / "qwen2.5-coder-0.5b-instruct"
+from _common import DEFAULT_MODEL, REPO, bench_env, ratio, run_worker
+
 EVAL_DIR = Path(os.environ.get("MLXLLM_EVAL_FIXTURES", REPO.parent / "shared/fixtures/eval"))
 PROMPT_FILE = "en-apache-2.0.txt"
 RESULTS = REPO / "benchmarks" / "results" / "decode.json"
-OPENBLAS_GLOBS = ("/usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3",)
 
 VARIANTS = {
     "mlxllm": "mlxllm (fp32 default on CPU)",
@@ -98,34 +95,24 @@ def _time_stream(chunks, count) -> dict:
     }
 
 
-def _run_mlxllm(model_path: str, ids: list[int], gen: int, dtype: str | None) -> dict:
+def _measure(stream, ids: list[int], gen: int, load_s: float, param_dtype: str) -> dict:
+    """Warm up, then time ``stream(prompt_ids, max_tokens)`` (either library's
+    ``stream_generate``, greedy) over ``ids``; the generated text is kept for comparison."""
     import mlx.core as mx
 
-    from mlxllm import load, stream_generate
+    def count(c):
+        return c.generation_tokens
 
-    t = time.perf_counter()
-    model, tok = load(model_path, dtype=getattr(mx, dtype) if dtype else None)
-    mx.eval(model.parameters())
-    load_s = time.perf_counter() - t
-    tok.eos_token_ids = set()  # ignore eos: always generate exactly `gen` tokens
-    param_dtype = str(next(iter(v for _, v in _leaves(model.parameters()))).dtype)
-
-    def run(prompt, n):
-        return _time_stream(
-            stream_generate(model, tok, prompt, max_tokens=n, temperature=0.0),
-            lambda c: c.generation_tokens,
-        )
-
-    run(ids[:WARMUP_PROMPT], WARMUP_GEN)  # warm-up
+    _time_stream(stream(ids[:WARMUP_PROMPT], WARMUP_GEN), count)
     text: list[str] = []
 
-    def collect(prompt, n):
-        for c in stream_generate(model, tok, prompt, max_tokens=n, temperature=0.0):
+    def collect():
+        for c in stream(ids, gen):
             text.append(c.text)
             yield c
 
     mx.reset_peak_memory()
-    r = _time_stream(collect(ids, gen), lambda c: c.generation_tokens)
+    r = _time_stream(collect(), count)
     last = r.pop("last")
     return dict(
         r,
@@ -138,6 +125,24 @@ def _run_mlxllm(model_path: str, ids: list[int], gen: int, dtype: str | None) ->
         peak_memory_gb=mx.get_peak_memory() / 1e9,
         text="".join(text),
     )
+
+
+def _run_mlxllm(model_path: str, ids: list[int], gen: int, dtype: str | None) -> dict:
+    import mlx.core as mx
+
+    from mlxllm import load, stream_generate
+
+    t = time.perf_counter()
+    model, tok = load(model_path, dtype=getattr(mx, dtype) if dtype else None)
+    mx.eval(model.parameters())
+    load_s = time.perf_counter() - t
+    tok.eos_token_ids = set()  # ignore eos: always generate exactly `gen` tokens
+    param_dtype = str(next(iter(v for _, v in _leaves(model.parameters()))).dtype)
+
+    def stream(prompt, n):
+        return stream_generate(model, tok, prompt, max_tokens=n, temperature=0.0)
+
+    return _measure(stream, ids, gen, load_s, param_dtype)
 
 
 def _run_mlx_lm(model_path: str, ids: list[int], gen: int, dtype: str | None) -> dict:
@@ -153,31 +158,10 @@ def _run_mlx_lm(model_path: str, ids: list[int], gen: int, dtype: str | None) ->
     tok.eos_token_ids = set()  # ignore eos: always generate exactly `gen` tokens
     param_dtype = str(next(iter(v for _, v in _leaves(model.parameters()))).dtype)
 
-    def count(c):
-        return c.generation_tokens
+    def stream(prompt, n):
+        return stream_generate(model, tok, prompt, max_tokens=n)  # greedy by default
 
-    _time_stream(stream_generate(model, tok, ids[:WARMUP_PROMPT], max_tokens=WARMUP_GEN), count)
-    text: list[str] = []
-
-    def collect(prompt, n):
-        for c in stream_generate(model, tok, prompt, max_tokens=n):
-            text.append(c.text)
-            yield c
-
-    mx.reset_peak_memory()
-    r = _time_stream(collect(ids, gen), count)
-    last = r.pop("last")
-    return dict(
-        r,
-        load_s=load_s,
-        param_dtype=param_dtype,
-        prompt_tokens=last.prompt_tokens,
-        finish_reason=last.finish_reason,
-        lib_prompt_tps=last.prompt_tps,
-        lib_generation_tps=last.generation_tps,
-        peak_memory_gb=mx.get_peak_memory() / 1e9,
-        text="".join(text),
-    )
+    return _measure(stream, ids, gen, load_s, param_dtype)
 
 
 def _leaves(tree, prefix=""):
@@ -211,18 +195,6 @@ def worker(variant: str, model: str, ids_file: str, gen: int) -> None:
 # driver
 
 
-def bench_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    if sys.platform.startswith("linux") and "openblas" not in env.get("LD_PRELOAD", ""):
-        libs = [p for g in OPENBLAS_GLOBS for p in glob.glob(g)]
-        if libs:
-            env["LD_PRELOAD"] = ":".join(filter(None, [libs[0], env.get("LD_PRELOAD")]))
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    return env
-
-
 def build_prompt(model: Path, n: int) -> list[int]:
     """Exactly ``n`` token ids of the fixture text (repeated if it is too short)."""
     from tokenizers import Tokenizer
@@ -238,21 +210,8 @@ def build_prompt(model: Path, n: int) -> list[int]:
 
 
 def run_variant(variant: str, model: Path, ids_file: str, gen: int, env: dict, timeout: float):
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant]
-    cmd += ["--model", str(model), "--ids-file", ids_file, "--gen-tokens", str(gen)]
-    t = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    wall = time.perf_counter() - t
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            r = json.loads(line[len("RESULT ") :])
-            r["process_wall_s"] = wall
-            return r
-    tail = (p.stderr or p.stdout).strip().splitlines()[-5:]
-    return {"error": f"exit {p.returncode}: " + " | ".join(tail)}
+    args = [variant, "--model", str(model), "--ids-file", ids_file, "--gen-tokens", str(gen)]
+    return run_worker(__file__, args, env, timeout)
 
 
 def _script(name: str) -> str | None:
@@ -302,10 +261,6 @@ def cold_start(model: Path, runs: int, env: dict) -> dict:
 
 def _fmt(x, spec=".2f", unit=""):
     return "-" if x is None else f"{x:{spec}}{unit}"
-
-
-def _ratio(a, b):
-    return a / b if a is not None and b else None
 
 
 def _prefix_match(a: str, b: str) -> int:
@@ -499,10 +454,10 @@ def main(argv=None):
                 if not o or "error" in o:
                     continue
                 res["ratios"][VARIANTS[v].replace("mlx-lm ", "")] = {
-                    "prompt": _ratio(base["prompt_tps"], o["prompt_tps"]),
-                    "decode": _ratio(base["decode_tps"], o["decode_tps"]),
-                    "peak_memory": _ratio(base["peak_memory_gb"], o["peak_memory_gb"]),
-                    "max_rss": _ratio(base["max_rss_gb"], o["max_rss_gb"]),
+                    "prompt": ratio(base["prompt_tps"], o["prompt_tps"]),
+                    "decode": ratio(base["decode_tps"], o["decode_tps"]),
+                    "peak_memory": ratio(base["peak_memory_gb"], o["peak_memory_gb"]),
+                    "max_rss": ratio(base["max_rss_gb"], o["max_rss_gb"]),
                 }
             for v in variants:
                 if v != "mlxllm" and "error" not in tp[v]:
@@ -515,7 +470,7 @@ def main(argv=None):
         res["cold_start"] = cold_start(model, args.runs, env)
         c = res["cold_start"]
         res["cold_ratios"] = {
-            "generate": _ratio(c["mlxllm generate"]["best_s"], c["mlx_lm generate"]["best_s"])
+            "generate": ratio(c["mlxllm generate"]["best_s"], c["mlx_lm generate"]["best_s"])
         }
 
     print("\n".join(report(res)))

@@ -41,23 +41,19 @@ does not name it already (MLX's CPU wheel bundles a much slower reference BLAS).
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import platform
 import random
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-FIXTURES = Path(os.environ.get("MLXLLM_FIXTURES", "~/.cache/mlxllm-fixtures/models")).expanduser()
-DEFAULT_MODEL = FIXTURES / "qwen2.5-coder-0.5b-instruct"
+from _common import DEFAULT_MODEL, REPO, bench_env, ratio, run_worker
+
 RESULTS = REPO / "benchmarks" / "results" / "finetune.json"
-OPENBLAS_GLOBS = ("/usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3",)
 
 VARIANTS = {
     "mlxllm": "mlxllm (fp32 default on CPU)",
@@ -326,42 +322,12 @@ def write_dataset(folder: Path, rows: int, max_seq_length: int, seed: int = 0) -
                 f.write(json.dumps(row()) + "\n")
 
 
-def bench_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    if sys.platform.startswith("linux") and "openblas" not in env.get("LD_PRELOAD", ""):
-        libs = [p for g in OPENBLAS_GLOBS for p in glob.glob(g)]
-        if libs:
-            env["LD_PRELOAD"] = ":".join(filter(None, [libs[0], env.get("LD_PRELOAD")]))
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    return env
-
-
 def run_variant(variant: str, cfg_file: str, env: dict, timeout: float) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant]
-    cmd += ["--cfg-file", cfg_file]
-    t = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    wall = time.perf_counter() - t
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            r = json.loads(line[len("RESULT ") :])
-            r["process_wall_s"] = wall
-            return r
-    tail = (p.stderr or p.stdout).strip().splitlines()[-5:]
-    return {"error": f"exit {p.returncode}: " + " | ".join(tail)}
+    return run_worker(__file__, [variant, "--cfg-file", cfg_file], env, timeout)
 
 
 def _fmt(x, spec=".2f"):
     return "-" if x is None else f"{x:{spec}}"
-
-
-def _ratio(a, b):
-    return a / b if a is not None and b else None
 
 
 def report(res: dict) -> list[str]:
@@ -521,9 +487,9 @@ def main(argv=None):
     for v, r in runs.items():
         if v.startswith("mlx-lm") and "tps" in r and "tps" in base:
             ratios[v] = {
-                "tps": _ratio(base["tps"], r["tps"]),
-                "peak_memory": _ratio(base["peak_memory_gb"], r["peak_memory_gb"]),
-                "max_rss": _ratio(base["max_rss_gb"], r["max_rss_gb"]),
+                "tps": ratio(base["tps"], r["tps"]),
+                "peak_memory": ratio(base["peak_memory_gb"], r["peak_memory_gb"]),
+                "max_rss": ratio(base["max_rss_gb"], r["max_rss_gb"]),
             }
             if r["adapted"] != base["adapted"]:
                 notes.append(f"WARNING: adapted linears differ from {v}'s")

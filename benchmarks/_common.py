@@ -1,0 +1,58 @@
+"""What the side-by-side benchmarks share: paths, the worker environment, running a worker.
+
+Each benchmark runs every runtime in its own subprocess (``python BENCH.py --worker ...``) that
+prints one ``RESULT {json}`` line; ``run_worker`` runs one and parses that line.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(os.environ.get("MLXLLM_FIXTURES", "~/.cache/mlxllm-fixtures/models")).expanduser()
+DEFAULT_MODEL = FIXTURES / "qwen2.5-coder-0.5b-instruct"
+OPENBLAS_GLOBS = ("/usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3",)
+
+
+def bench_env() -> dict:
+    """The workers' environment: this checkout importable, OpenBLAS preloaded on Linux when it
+    is installed (MLX's CPU wheel bundles a much slower reference BLAS), offline Hub."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if sys.platform.startswith("linux") and "openblas" not in env.get("LD_PRELOAD", ""):
+        libs = [p for g in OPENBLAS_GLOBS for p in glob.glob(g)]
+        if libs:
+            env["LD_PRELOAD"] = ":".join(filter(None, [libs[0], env.get("LD_PRELOAD")]))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def run_worker(script: str, args: list[str], env: dict, timeout: float) -> dict:
+    """Run ``python script --worker ARGS``; its ``RESULT`` line as a dict (plus
+    ``process_wall_s``), or ``{"error": ...}`` naming the exit status and the last lines."""
+    cmd = [sys.executable, str(Path(script).resolve()), "--worker", *args]
+    t = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    wall = time.perf_counter() - t
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            r = json.loads(line[len("RESULT ") :])
+            r["process_wall_s"] = wall
+            return r
+    tail = (p.stderr or p.stdout).strip().splitlines()[-5:]
+    return {"error": f"exit {p.returncode}: " + " | ".join(tail)}
+
+
+def ratio(a, b):
+    """``a / b``, or None when either is missing (or ``b`` is 0)."""
+    return a / b if a is not None and b else None
