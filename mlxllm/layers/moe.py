@@ -225,7 +225,7 @@ class SwitchGLU(nn.Module):
         # the host, which evaluates the router here (one sync per MoE layer, prefill only).
         counts = np.bincount(np.array(sorted_indices), minlength=self.gate_proj.n_experts)
         counts = counts.tolist()
-        h = nn.silu(self.gate_proj.segments(rows, counts)) * self.up_proj.segments(rows, counts)
+        h = swiglu(self.gate_proj.segments(rows, counts), self.up_proj.segments(rows, counts))
         return self.down_proj.segments(h, counts)
 
     def __call__(

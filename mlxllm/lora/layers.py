@@ -41,9 +41,13 @@ ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
 
 
+_QUANTIZED = (nn.QuantizedLinear, QuantizedSwitchLinear)
+
+
 def _base_weight(linear: nn.Module) -> mx.array:
-    """The float weight ``[out, in]`` a (possibly quantized) linear computes with."""
-    if isinstance(linear, nn.QuantizedLinear):
+    """The float weight ``[out, in]`` (stacked experts: ``[E, out, in]``) a plain or quantized
+    layer computes with."""
+    if isinstance(linear, _QUANTIZED):
         return mx.dequantize(
             linear.weight,
             linear.scales,
@@ -56,9 +60,9 @@ def _base_weight(linear: nn.Module) -> mx.array:
 
 
 def _dims(linear: nn.Module) -> tuple[int, int]:
-    """(input_dims, output_dims) of a plain or quantized linear."""
-    out_dims, packed = linear.weight.shape
-    if isinstance(linear, nn.QuantizedLinear):
+    """(input_dims, output_dims) of a plain or quantized linear (or stacked experts)."""
+    out_dims, packed = linear.weight.shape[-2:]
+    if isinstance(linear, _QUANTIZED):
         return packed * 32 // linear.bits, out_dims
     return packed, out_dims
 
@@ -165,12 +169,9 @@ class LoRASwitchLinear(nn.Module):
     def from_base(
         cls, switch: nn.Module, rank: int = 8, scale: float = 20.0, dropout: float = 0.0
     ) -> LoRASwitchLinear:
-        n_experts, out_dims, packed = switch.weight.shape
-        in_dims = (
-            packed * 32 // switch.bits if isinstance(switch, QuantizedSwitchLinear) else packed
-        )
+        in_dims, out_dims = _dims(switch)
         switch.freeze()
-        return cls(switch, in_dims, out_dims, n_experts, rank, scale, dropout)
+        return cls(switch, in_dims, out_dims, switch.weight.shape[0], rank, scale, dropout)
 
     def __init__(self, base, input_dims, output_dims, n_experts, rank, scale, dropout=0.0):
         super().__init__()
@@ -210,18 +211,7 @@ class LoRASwitchLinear(nn.Module):
 
     def fused_weight(self) -> mx.array:
         """Stacked base weights with the adapters merged, float32 ``[E, out, in]``."""
-        base = self.linear
-        if isinstance(base, QuantizedSwitchLinear):
-            w = mx.dequantize(
-                base.weight,
-                base.scales,
-                base.get("biases"),
-                base.group_size,
-                base.bits,
-                mode=base.mode,
-            )
-        else:
-            w = base.weight
+        w = _base_weight(self.linear)
         delta = self.scale * (self.lora_a.astype(mx.float32) @ self.lora_b.astype(mx.float32))
         return w.astype(mx.float32) + delta.swapaxes(-1, -2)
 

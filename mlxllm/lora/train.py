@@ -455,7 +455,7 @@ def checkpoint_blocks(model: nn.Module) -> None:
     Refuses adapter dropout: the backward pass would recompute the block with new dropout
     masks, so the gradients would not belong to the forward pass.
     """
-    if any(isinstance(m, nn.Dropout) and m._p_1 < 1 for _, m in model.named_modules()):
+    if getattr(model, "adapter_config", {}).get("dropout"):  # set by apply_lora
         raise MlxllmError(
             "gradient checkpointing with adapter dropout would recompute with new dropout "
             "masks; drop --dropout or --grad-checkpoint"
