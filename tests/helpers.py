@@ -131,3 +131,15 @@ def to_transformers4_config(folder: Path, key: str = "type") -> dict:
     cfg["rope_scaling"] = {key: rope_type, **scaling} if rope_type != "default" else None
     path.write_text(json.dumps(cfg, indent=2))
     return cfg
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Greedy tokens from a transformers model by full recompute (no cache: the plainest
+    reference)."""
+    import torch
+
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(ids) :]

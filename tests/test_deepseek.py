@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import SMOL, TOKENIZER_FILES, fixture_model
+from helpers import SMOL, TOKENIZER_FILES, fixture_model, hf_greedy
 from mlxllm.generation.step import generate_step
 from mlxllm.loader import load_model
 from mlxllm.models import deepseek
@@ -125,15 +125,6 @@ def _ids(n: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(0, VOCAB, n).tolist()
 
 
-def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    """Greedy tokens by full recompute in transformers (no cache: the plainest reference)."""
-    seq = list(ids)
-    with torch.no_grad():
-        for _ in range(n):
-            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-    return seq[len(ids) :]
-
-
 def _set_form(model, form: str):
     for layer in model.layers:
         if form == "absorbed":
@@ -162,7 +153,7 @@ def test_greedy_matches_transformers(checkpoints, variant):
     hf_model, folder = checkpoints[variant]
     model = load_model(folder, dtype=mx.float32)
     ids = _ids(24, 2)  # 24 + 32 generated = 56 positions
-    want = _hf_greedy(hf_model, ids, N_GREEDY)
+    want = hf_greedy(hf_model, ids, N_GREEDY)
     got = list(generate_step(model, ids, model.make_cache(), max_tokens=N_GREEDY))
     assert got == want
     assert len(set(got)) > 3  # not a degenerate repeat of one token

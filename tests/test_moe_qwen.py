@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import hf_greedy
 from mlxllm.generation.step import generate_step
 from mlxllm.layers.moe import QuantizedSwitchLinear, SwitchGLU, softmax_topk
 from mlxllm.loader import load_model
@@ -98,15 +99,6 @@ def _prompt(seed: int, n: int = L_PROMPT) -> list[int]:
     return np.random.default_rng(seed).integers(0, VOCAB, n).tolist()
 
 
-def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    """Greedy tokens by full recompute in transformers (no cache: the plainest reference)."""
-    seq = list(ids)
-    with torch.no_grad():
-        for _ in range(n):
-            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-    return seq[len(ids) :]
-
-
 def test_checkpoint_has_per_expert_tensors_and_mixed_layers(checkpoints):
     """The fixture exercises stack_experts and both dense and sparse layers."""
     from safetensors import safe_open
@@ -142,7 +134,7 @@ def test_logits_and_greedy_match_transformers(checkpoints, variant):
     assert np.abs(ref).max() > 1.0  # widened weights: logits far from 0
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
 
-    want = _hf_greedy(hf_model, ids, N_GREEDY)
+    want = hf_greedy(hf_model, ids, N_GREEDY)
     got = list(generate_step(model, ids, model.make_cache(), max_tokens=N_GREEDY))
     assert got == want
     assert len(set(want)) > 1

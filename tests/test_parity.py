@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import VARIANTS, make_tiny_hf, to_transformers4_config
+from helpers import VARIANTS, hf_greedy, make_tiny_hf, to_transformers4_config
 from mlxllm import load
 from mlxllm.generation.step import generate_step
 
@@ -40,16 +40,6 @@ def _prompt(seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(0, 49152, L_PROMPT).tolist()
 
 
-def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    """Greedy tokens by full recompute in transformers (no cache: the plainest reference)."""
-    seq = list(ids)
-    with torch.no_grad():
-        for _ in range(n):
-            logits = model(torch.tensor([seq])).logits[0, -1]
-            seq.append(int(logits.argmax()))
-    return seq[len(ids) :]
-
-
 @pytest.mark.parametrize("layout", ["t5", "t4"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_logits_and_greedy_match_transformers(checkpoints, variant, layout):
@@ -63,7 +53,7 @@ def test_logits_and_greedy_match_transformers(checkpoints, variant, layout):
     print(f"{variant}/{layout}: max |diff| {diff.max():.2e}, mean {diff.mean():.2e}")
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
 
-    want = _hf_greedy(hf_model, ids, N_GREEDY)
+    want = hf_greedy(hf_model, ids, N_GREEDY)
     got = list(generate_step(model, ids, model.make_cache(), max_tokens=N_GREEDY))
     assert got == want
 
