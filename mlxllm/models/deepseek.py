@@ -29,6 +29,7 @@ import mlx.nn as nn
 from mlxllm.cache import KVCache
 from mlxllm.cache.latent import LatentCache
 from mlxllm.errors import MlxllmError
+from mlxllm.kernels.moe_decode import experts_supported, fused_experts, route_supported, route_topk
 from mlxllm.layers.attention import Attention
 from mlxllm.layers.mla import MLA
 from mlxllm.layers.mlp import SwiGLU
@@ -123,6 +124,10 @@ class Router(nn.Module):
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """``x[..., dim]`` -> ``(indices [..., k], weights [..., k] float32)``."""
         c, k = self.c, self.c.num_experts_per_tok
+        if c.topk_method == "greedy" and route_supported(x, self.weight, k):
+            # CUDA decode: routing in one kernel (see kernels/moe_decode.py)
+            norm = c.norm_topk_prob and k > 1
+            return route_topk(x, self.weight, k, norm, c.routed_scaling_factor)
         logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
         if c.topk_method == "noaux_tc":
             return noaux_tc(
@@ -161,6 +166,10 @@ class MoE(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         indices, weights = self.gate(x)
+        shared = self.get("shared_experts")
+        if experts_supported(x, self.experts, shared):
+            # CUDA decode: routed and shared experts in two kernels
+            return fused_experts(x, indices, weights, self.experts, shared)
         y = self.experts(x, indices, weights)  # [..., D]
         if "shared_experts" in self:
             y = y + self.shared_experts(x)

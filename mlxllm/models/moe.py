@@ -25,6 +25,7 @@ import dataclasses
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxllm.kernels.moe_decode import experts_supported, fused_experts, route_supported, route_topk
 from mlxllm.layers.mlp import SwiGLU
 from mlxllm.layers.moe import SwitchGLU, softmax_topk
 from mlxllm.models.base import BaseConfig, CausalLM, DecoderBlock
@@ -115,10 +116,19 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert_gate = nn.Linear(dim, 1, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        indices, weights = softmax_topk(self.gate(x), self.k, self.norm_topk_prob)  # [B, L, k]
+        shared = self.get("shared_expert")
+        if type(self.gate) is nn.Linear and route_supported(x, self.gate.weight, self.k):
+            # CUDA decode: routing in one kernel (see kernels/moe_decode.py)
+            indices, weights = route_topk(x, self.gate.weight, self.k, self.norm_topk_prob)
+        else:
+            indices, weights = softmax_topk(self.gate(x), self.k, self.norm_topk_prob)  # [B, L, k]
+        if experts_supported(x, self.experts, shared):
+            # CUDA decode: routed and shared experts in two kernels
+            gate = mx.sigmoid(self.shared_expert_gate(x)) if shared is not None else None
+            return fused_experts(x, indices, weights, self.experts, shared, gate)
         y = self.experts(x, indices, weights)  # [B, L, D]
-        if "shared_expert" in self:
-            y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if shared is not None:
+            y = y + mx.sigmoid(self.shared_expert_gate(x)) * shared(x)
         return y
 
 

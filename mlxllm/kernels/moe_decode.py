@@ -1,0 +1,319 @@
+"""Mixture-of-experts decode in three CUDA kernels, with the MLX ops they replace as twins.
+
+At decode a MoE layer is a few token rows against many small weight matrices. Written in MLX
+ops it is ~20 kernels per layer (router: cast, GEMV, softmax, argpartition, gathers; experts:
+three ``gather_mm``, SwiGLU, weighted sum; shared experts: three GEMVs, SwiGLU, add), and on
+MLX's CUDA backend each kernel costs ~10 us to issue whatever it computes (measured on an H200
+with CUPTI: for DeepSeek-V2-Lite at 8K context the GPU is busy for half of the step, the rest
+is dispatch). These kernels do the same in three:
+
+- ``route_topk``: router logits (float32 weights), softmax over experts, top-``k`` by repeated
+  arg-max, renormalized or scaled weights. One block per token.
+- ``experts_up``: for each routed expert slot and each shared-expert chunk, ``gate`` and ``up``
+  rows against the token (one warp per row, 16-byte loads), ``silu(g) * u * slot_weight``.
+  Shared experts are split into ``moe_intermediate_size``-wide chunks, each a slot of weight 1
+  (or Qwen's sigmoid gate), so they ride in the same launch.
+- ``experts_down``: each output feature sums the ``down`` rows of every slot against that
+  slot's activations (held in shared memory): routed and shared outputs, already added.
+
+The twins are the MLX code paths in ``layers/moe.py`` (``softmax_topk``, ``SwitchGLU``,
+``SwiGLU``); ``tests/test_kernels.py`` compares them on a CUDA device.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+_HEADER = "#define NEG_INF (__int_as_float(0xff800000))\n"
+
+_ROUTE = r"""
+    // one block of 1024 threads per token
+    const int n = blockIdx.x;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    __shared__ float xs[D];
+    __shared__ float probs[E];
+    for (int d = tid; d < D; d += 1024) xs[d] = static_cast<float>(x[(long long)n * D + d]);
+    __syncthreads();
+    for (int e = warp; e < E; e += 32) {
+        const WT* row = wr + (long long)e * D;
+        float a = 0.f;
+        for (int d = lane; d < D; d += 32) a += xs[d] * static_cast<float>(row[d]);
+        for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffff, a, o);
+        if (lane == 0) probs[e] = a;
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    float m = NEG_INF;
+    for (int e = lane; e < E; e += 32) m = fmaxf(m, probs[e]);
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
+    float s = 0.f;
+    for (int e = lane; e < E; e += 32) {
+        const float p = expf(probs[e] - m);
+        probs[e] = p;  // each lane only touches its own experts e = lane (mod 32)
+        s += p;
+    }
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+    const float inv = 1.f / s;
+    float chosen[K];
+    float total = 0.f;
+    for (int k = 0; k < K; ++k) {
+        float best = -1.f;
+        int bi = 0x7fffffff;
+        for (int e = lane; e < E; e += 32) {
+            const float p = probs[e];
+            if (p > best) { best = p; bi = e; }
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ob = __shfl_xor_sync(0xffffffff, best, o);
+            const int oi = __shfl_xor_sync(0xffffffff, bi, o);
+            if (ob > best || (ob == best && oi < bi)) { best = ob; bi = oi; }
+        }
+        if (lane == (bi & 31)) probs[bi] = -1.f;  // taken
+        chosen[k] = best * inv;
+        total += chosen[k];
+        if (lane == 0) idx[(long long)n * K + k] = bi;
+    }
+    if (lane == 0) {
+        const float f = NORM ? 1.f / (total + 1e-20f) : scale[0];
+        for (int k = 0; k < K; ++k) wts[(long long)n * K + k] = chosen[k] * f;
+    }
+"""
+
+_UP = r"""
+    // one warp per (slot, row); 8 warps per block
+    constexpr int V = 16 / sizeof(WT);
+    const int n = blockIdx.z;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __shared__ __align__(16) float xs[D];
+    for (int d = threadIdx.x; d < D; d += 256) xs[d] = static_cast<float>(x[(long long)n * D + d]);
+    __syncthreads();
+    const int row = blockIdx.x * 8 + warp;
+    if (row >= (K + S) * I) return;
+    const int slot = row / I, j = row - slot * I;
+    const WT* g;
+    const WT* u;
+    if (slot < K) {
+        const long long e = idx[(long long)n * K + slot];
+        g = wg + (e * I + j) * D;
+        u = wu + (e * I + j) * D;
+    } else {
+        const long long r = (long long)(slot - K) * I + j;
+        g = sg + r * D;
+        u = su + r * D;
+    }
+    float ag = 0.f, au = 0.f;
+    for (int c = lane; c < D / V; c += 32) {
+        const uint4 gv = reinterpret_cast<const uint4*>(g)[c];
+        const uint4 uv = reinterpret_cast<const uint4*>(u)[c];
+        const WT* gp = reinterpret_cast<const WT*>(&gv);
+        const WT* up = reinterpret_cast<const WT*>(&uv);
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+            const float xv = xs[c * V + v];
+            ag += xv * static_cast<float>(gp[v]);
+            au += xv * static_cast<float>(up[v]);
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        ag += __shfl_xor_sync(0xffffffff, ag, o);
+        au += __shfl_xor_sync(0xffffffff, au, o);
+    }
+    if (lane == 0) {
+        const float act = ag / (1.f + expf(-ag));
+        const float w = slot < K ? wts[(long long)n * K + slot] : sw[n];
+        h[((long long)n * (K + S) + slot) * I + j] = act * au * w;
+    }
+"""
+
+_DOWN = r"""
+    // one warp per output feature; 8 warps per block; the token's activations in shared memory
+    constexpr int V = 16 / sizeof(WT);
+    const int n = blockIdx.z;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    float* hs = reinterpret_cast<float*>(smem_raw);  // [(K + S) * I]
+    const float* hn = h + (long long)n * (K + S) * I;
+    for (int i = threadIdx.x; i < (K + S) * I; i += 256) hs[i] = hn[i];
+    __syncthreads();
+    const int d = blockIdx.x * 8 + warp;
+    if (d >= D) return;
+    float acc = 0.f;
+    for (int slot = 0; slot < K + S; ++slot) {
+        const WT* w = slot < K
+            ? wd + ((long long)idx[(long long)n * K + slot] * D + d) * I
+            : sd + (long long)d * (S * I) + (long long)(slot - K) * I;
+        const float* hv = hs + slot * I;
+        for (int c = lane; c < I / V; c += 32) {
+            const uint4 wv = reinterpret_cast<const uint4*>(w)[c];
+            const WT* wp = reinterpret_cast<const WT*>(&wv);
+#pragma unroll
+            for (int v = 0; v < V; ++v) acc += hv[c * V + v] * static_cast<float>(wp[v]);
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
+    if (lane == 0) y[(long long)n * D + d] = static_cast<OT>(acc);
+"""
+
+_kernels: dict = {}
+
+MAX_TOKENS = 4  # more tokens than this: MLX's sorted gather path is the better one
+_FLOATS = (mx.float32, mx.float16, mx.bfloat16)
+
+
+def _kernel(name: str, inputs: list[str], outputs: list[str], source: str, smem: int = 0):
+    key = (name, smem)
+    if key not in _kernels:
+        _kernels[key] = mx.fast.cuda_kernel(
+            name=f"mlxllm_{name}",
+            input_names=inputs,
+            output_names=outputs,
+            source=source,
+            header=_HEADER,
+            shared_memory=smem,
+        )
+    return _kernels[key]
+
+
+def _ones(n: int) -> mx.array:
+    """A float32 ``[n]`` of ones, made once (not one fill kernel per layer and step)."""
+    key = ("ones", n)
+    if key not in _kernels:
+        _kernels[key] = mx.ones((n,), mx.float32)
+        mx.eval(_kernels[key])
+    return _kernels[key]
+
+
+def cuda_available() -> bool:
+    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+
+
+def route_supported(x: mx.array, weight: mx.array, k: int) -> bool:
+    E, D = weight.shape
+    return (
+        cuda_available()
+        and x.size // D <= MAX_TOKENS
+        and E <= 1024
+        and D <= 8192
+        and k <= min(E, 32)
+        and x.dtype in _FLOATS
+        and weight.dtype in _FLOATS
+    )
+
+
+def route_topk(
+    x: mx.array, weight: mx.array, k: int, norm_topk_prob: bool, scale: float = 1.0
+) -> tuple[mx.array, mx.array]:
+    """Softmax top-``k`` routing in one kernel.
+
+    Args:
+        x: ``[..., D]`` tokens; weight: router ``[E, D]`` (logits computed in float32).
+        k: experts per token.
+        norm_topk_prob: renormalize the kept probabilities (else multiply them by ``scale``).
+
+    Returns:
+        ``(indices [..., k] int32, weights [..., k] float32)``, experts in descending order.
+        Twin: ``layers.moe.softmax_topk`` on ``x @ weight.T`` (same set, any order).
+    """
+    E, D = weight.shape
+    lead = x.shape[:-1]
+    N = x.size // D
+    idx, wts = _kernel("route_topk", ["x", "wr", "scale"], ["idx", "wts"], _ROUTE)(
+        inputs=[x.reshape(N, D), weight, mx.array([scale], mx.float32)],
+        template=[
+            ("T", x.dtype),
+            ("WT", weight.dtype),
+            ("D", D),
+            ("E", E),
+            ("K", k),
+            ("NORM", bool(norm_topk_prob)),
+        ],
+        grid=(N * 1024, 1, 1),
+        threadgroup=(1024, 1, 1),
+        output_shapes=[(N, k), (N, k)],
+        output_dtypes=[mx.int32, mx.float32],
+    )
+    return idx.reshape(*lead, k), wts.reshape(*lead, k)
+
+
+def experts_supported(x: mx.array, experts, shared) -> bool:
+    """Whether ``fused_experts`` runs here: CUDA, a few tokens, plain float stacked weights
+    (no quantization, bias or adapter), widths a multiple of one 16-byte load."""
+    from mlxllm.layers.moe import SwitchLinear
+
+    if not cuda_available() or x.size // x.shape[-1] > MAX_TOKENS:
+        return False
+    projs = [experts.gate_proj, experts.up_proj, experts.down_proj]
+    if any(type(p) is not SwitchLinear or "bias" in p for p in projs):
+        return False
+    dtype = experts.gate_proj.weight.dtype
+    E, hid, D = experts.gate_proj.weight.shape
+    v = 16 // dtype.size
+    ok = dtype in _FLOATS and x.dtype in _FLOATS and D % v == 0 and hid % v == 0 and D <= 8192
+    if shared is not None:
+        import mlx.nn as nn
+
+        sp = [shared.gate_proj, shared.up_proj, shared.down_proj]
+        ok = ok and all(type(p) is nn.Linear and "bias" not in p for p in sp)
+        ok = ok and all(p.weight.dtype == dtype for p in sp)
+        ok = ok and shared.gate_proj.weight.shape[0] % hid == 0
+    return ok
+
+
+def fused_experts(
+    x: mx.array,
+    indices: mx.array,
+    weights: mx.array,
+    experts,
+    shared=None,
+    shared_weight: mx.array | None = None,
+) -> mx.array:
+    """``sum_k weights_k * expert_{indices_k}(x) + shared_weight * shared(x)`` in two kernels.
+
+    Args:
+        x: ``[..., D]``; indices / weights: ``[..., k]`` (int32 / float32).
+        experts: a ``SwitchGLU`` (float weights ``[E, I, D]`` / ``[E, D, I]``).
+        shared: an optional ``SwiGLU`` whose width is a multiple of ``I``.
+        shared_weight: ``[..., 1]`` multiplier of the shared output (Qwen's sigmoid gate);
+            default 1.
+
+    Returns:
+        ``[..., D]`` in ``x``'s dtype. Twin: ``SwitchGLU(x, indices, weights) + shared(x)``.
+    """
+    E, hid, D = experts.gate_proj.weight.shape
+    lead, k = x.shape[:-1], indices.shape[-1]
+    N = x.size // D
+    wdt = experts.gate_proj.weight.dtype
+    if shared is not None:
+        S = shared.gate_proj.weight.shape[0] // hid
+        sg, su, sd = shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight
+    else:
+        S = 0
+        sg = su = sd = experts.gate_proj.weight  # not read
+    if shared_weight is None:
+        sw = _ones(N)
+    else:
+        sw = shared_weight.reshape(N).astype(mx.float32)
+    idx = indices.reshape(N, k).astype(mx.int32)
+    xs = x.reshape(N, D)
+    tmpl = [("WT", wdt), ("D", D), ("I", hid), ("K", k), ("S", S)]
+    rows = (k + S) * hid
+    wts = weights.reshape(N, k).astype(mx.float32)
+    names = ["x", "idx", "wts", "sw", "wg", "wu", "sg", "su"]
+    (h,) = _kernel("experts_up", names, ["h"], _UP)(
+        inputs=[xs, idx, wts, sw, experts.gate_proj.weight, experts.up_proj.weight, sg, su],
+        template=tmpl,
+        grid=(-(-rows // 8) * 256, 1, N),
+        threadgroup=(256, 1, 1),
+        output_shapes=[(N, k + S, hid)],
+        output_dtypes=[mx.float32],
+    )
+    smem = (k + S) * hid * 4
+    (y,) = _kernel("experts_down", ["h", "idx", "wd", "sd"], ["y"], _DOWN, smem)(
+        inputs=[h, idx, experts.down_proj.weight, sd],
+        template=[("OT", x.dtype), *tmpl],
+        grid=(-(-D // 8) * 256, 1, N),
+        threadgroup=(256, 1, 1),
+        output_shapes=[(N, D)],
+        output_dtypes=[x.dtype],
+    )
+    return y.reshape(*lead, D)

@@ -1,0 +1,164 @@
+"""Custom CUDA kernels against their pure-MLX twins (run on a CUDA device: ``-m gpu``).
+
+CI has no GPU and deselects these by marker; they were run on an H200 (see the closing notes).
+The twins themselves are what every other test exercises on the CPU.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlxllm.kernels import moe_decode
+from mlxllm.layers.mlp import SwiGLU
+from mlxllm.layers.moe import SwitchGLU, softmax_topk
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _cuda():
+    if not moe_decode.cuda_available():
+        pytest.fail("these tests need MLX's CUDA backend (run them with -m gpu on a CUDA device)")
+
+
+def _rand(shape, dtype, scale=0.05, seed=0):
+    return (mx.random.normal(shape, key=mx.random.key(seed)) * scale).astype(dtype)
+
+
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("N", [1, 3])
+def test_route_topk_equals_softmax_topk(norm, N):
+    E, D, k = 64, 2048, 6
+    x = _rand((N, 1, D), mx.bfloat16, 1.0, seed=1)
+    w = _rand((E, D), mx.float32, 0.05, seed=2)
+    idx, wts = moe_decode.route_topk(x, w, k, norm, scale=1.5)
+    with mx.stream(mx.cpu):  # exact float32 (CUDA matmuls of several rows may use TF32)
+        ref_idx, ref_w = softmax_topk(x.astype(mx.float32) @ w.T, k, norm)
+        if not norm:
+            ref_w = ref_w * 1.5
+    idx, wts, ref_idx, ref_w = (np.array(a) for a in (idx, wts, ref_idx, ref_w))
+    for t in range(N):
+        got = dict(zip(idx[t, 0].tolist(), wts[t, 0].tolist(), strict=True))
+        want = dict(zip(ref_idx[t, 0].tolist(), ref_w[t, 0].tolist(), strict=True))
+        assert set(got) == set(want)
+        np.testing.assert_allclose([got[e] for e in want], list(want.values()), rtol=1e-4)
+    # descending order
+    assert (np.diff(wts, axis=-1) <= 0).all()
+
+
+def _moe(dtype, D=256, hid=64, E=8, shared_mult=2, seed=0):
+    mx.random.seed(seed)
+    experts = SwitchGLU(D, hid, E)
+    shared = SwiGLU(D, hid * shared_mult) if shared_mult else None
+    for m in [experts, shared]:
+        if m is not None:
+            m.update(nn.utils.tree_map(lambda a: mx.random.normal(a.shape) * 0.05, m.parameters()))
+            m.set_dtype(dtype)
+    return experts, shared
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("shared_mult", [0, 2])
+@pytest.mark.parametrize("N", [1, 3])
+def test_fused_experts_equal_switchglu(dtype, shared_mult, N):
+    D, hid, E, k = 256, 64, 8, 3
+    experts, shared = _moe(dtype, D, hid, E, shared_mult)
+    x = _rand((N, 1, D), dtype, 1.0, seed=3)
+    idx = mx.random.randint(0, E, (N, 1, k), key=mx.random.key(4)).astype(mx.int32)
+    wts = mx.random.uniform(shape=(N, 1, k), key=mx.random.key(5))
+    assert moe_decode.experts_supported(x, experts, shared)
+    got = moe_decode.fused_experts(x, idx, wts, experts, shared)
+    for m in [experts, shared]:  # the reference in float32 from the same (rounded) weights
+        if m is not None:
+            m.set_dtype(mx.float32)
+    with mx.stream(mx.cpu):  # exact float32 (CUDA matmuls of several rows may use TF32)
+        want = experts(x.astype(mx.float32), idx, wts)
+        if shared is not None:
+            want = want + shared(x.astype(mx.float32))
+    tol = 1e-4 if dtype == mx.float32 else 2e-2
+    np.testing.assert_allclose(
+        np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)), rtol=tol, atol=tol
+    )
+
+
+def test_fused_experts_shared_weight():
+    """Qwen's sigmoid-gated shared expert: the gate multiplies only the shared part."""
+    experts, shared = _moe(mx.float32, shared_mult=4)
+    x = _rand((2, 1, 256), mx.float32, 1.0, seed=6)
+    idx = mx.array([[[1, 5]], [[7, 0]]], dtype=mx.int32)
+    wts = mx.array([[[0.7, 0.3]], [[0.4, 0.6]]])
+    gate = mx.array([[[0.25]], [[0.9]]])
+    got = moe_decode.fused_experts(x, idx, wts, experts, shared, gate)
+    with mx.stream(mx.cpu):
+        want = experts(x, idx, wts) + gate * shared(x)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-5)
+
+
+def test_unsupported_falls_back():
+    """Quantized experts or long inputs are not for these kernels."""
+    experts, shared = _moe(mx.float32)
+    assert not moe_decode.experts_supported(mx.zeros((1, 64, 256)), experts, shared)
+    nn.quantize(experts, group_size=64, bits=4)
+    assert not moe_decode.experts_supported(mx.zeros((1, 1, 256)), experts, shared)
+
+
+TINY = {
+    "deepseek_v2": dict(
+        model_type="deepseek_v2",
+        vocab_size=300,
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        n_shared_experts=2,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        first_k_dense_replace=1,
+        kv_lora_rank=64,
+        qk_rope_head_dim=16,
+        qk_nope_head_dim=32,
+        v_head_dim=32,
+        topk_method="greedy",
+    ),
+    "qwen2_moe": dict(
+        model_type="qwen2_moe",
+        vocab_size=300,
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=8,
+        num_experts_per_tok=3,
+        norm_topk_prob=True,
+    ),
+}
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_model_decode_with_kernels_equals_twins(family, monkeypatch):
+    """A whole MoE model decoding on the GPU: kernels on vs off (the MLX twins)."""
+    from mlxllm.models import build_model
+
+    mx.random.seed(0)
+    model = build_model(TINY[family])
+    model.update(nn.utils.tree_map(lambda a: mx.random.normal(a.shape) * 0.05, model.parameters()))
+    mx.eval(model.parameters())
+    ids = np.random.default_rng(0).integers(0, 300, 12).tolist()
+
+    def run():
+        cache = model.make_cache()
+        model(mx.array([ids[:6]]), cache=cache)
+        return [np.array(model(mx.array([[t]]), cache=cache)) for t in ids[6:]]
+
+    fused = run()
+    monkeypatch.setattr(moe_decode, "cuda_available", lambda: False)
+    twin = run()
+    for a, b in zip(fused, twin, strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3)
