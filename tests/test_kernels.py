@@ -11,6 +11,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from mlxllm.cache.latent import LatentCache
 from mlxllm.kernels import moe_decode
 from mlxllm.layers.mlp import SwiGLU
 from mlxllm.layers.moe import SwitchGLU, softmax_topk
@@ -124,6 +125,43 @@ TINY = {
         v_head_dim=32,
         topk_method="greedy",
     ),
+    "deepseek_v3": dict(
+        model_type="deepseek_v3",
+        vocab_size=300,
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        n_shared_experts=1,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        kv_lora_rank=64,
+        q_lora_rank=48,
+        qk_rope_head_dim=16,
+        qk_nope_head_dim=32,
+        v_head_dim=32,
+        rope_interleave=False,
+        rope_scaling=dict(
+            type="yarn",
+            factor=4.0,
+            original_max_position_embeddings=4,
+            mscale=1.0,
+            mscale_all_dim=0.707,
+        ),
+    ),
+    "qwen2": dict(
+        model_type="qwen2",
+        vocab_size=300,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
     "qwen2_moe": dict(
         model_type="qwen2_moe",
         vocab_size=300,
@@ -157,8 +195,106 @@ def test_model_decode_with_kernels_equals_twins(family, monkeypatch):
         model(mx.array([ids[:6]]), cache=cache)
         return [np.array(model(mx.array([[t]]), cache=cache)) for t in ids[6:]]
 
+    from mlxllm.kernels import decode, mla_decode
+
+    assert moe_decode.cuda_available()
     fused = run()
     monkeypatch.setattr(moe_decode, "cuda_available", lambda: False)
+    monkeypatch.setattr(mla_decode, "supported", lambda *a: False)
+    monkeypatch.setattr(decode, "_on_cuda", lambda *a: False)
     twin = run()
     for a, b in zip(fused, twin, strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("traditional", [True, False])
+def test_mla_decode_kernels_equal_twins(dtype, traditional, monkeypatch):
+    """One MLA layer decoding with the kernels vs the generic absorbed path (YaRN scale != 1)."""
+    from mlxllm.kernels import mla_decode
+    from mlxllm.layers.mla import MLA
+    from mlxllm.layers.rope import RoPE
+
+    yarn = dict(
+        rope_type="yarn",
+        factor=4.0,
+        original_max_position_embeddings=32,
+        mscale=1.0,
+        mscale_all_dim=0.707,
+    )
+    rope = RoPE(16, 10000.0, yarn, traditional=traditional)
+    assert rope.scale != 1.0
+    mx.random.seed(1)
+    layer = MLA(256, 4, 64, 32, 16, 32, rope, q_lora_rank=48, softmax_scale=0.11)
+    layer.update(nn.utils.tree_map(lambda a: mx.random.normal(a.shape) * 0.1, layer.parameters()))
+    layer.set_dtype(dtype)
+    x = _rand((1, 40, 256), dtype, 1.0, seed=7)
+
+    def run():
+        cache = LatentCache()
+        layer(x[:, :35], cache=cache)  # prefill past the original context (YaRN)
+        outs = [layer(x[:, i : i + 1], cache=cache) for i in range(35, 40)]
+        return [np.array(o.astype(mx.float32)) for o in outs], np.array(
+            cache.joint.astype(mx.float32)
+        )
+
+    assert mla_decode.supported(x[:, :1], *layer._kv_b_weights(), 16)
+    got, got_cache = run()
+    monkeypatch.setattr(mla_decode, "supported", lambda *a: False)
+    want, want_cache = run()
+    tol = 1e-4 if dtype == mx.float32 else 3e-2
+    np.testing.assert_allclose(got_cache, want_cache, rtol=tol, atol=tol)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("N", [1, 3])
+def test_add_rms_norm_equals_ops(dtype, N):
+    from mlxllm.kernels.decode import add_rms_norm
+
+    norm = nn.RMSNorm(512, eps=1e-5)
+    norm.weight = _rand((512,), dtype, 1.0, seed=8) + 1
+    x, a = _rand((N, 1, 512), dtype, 1.0, seed=9), _rand((N, 1, 512), dtype, 1.0, seed=10)
+    h, n = add_rms_norm(x, a, norm)
+    tol = 1e-5 if dtype == mx.float32 else 1e-2
+    np.testing.assert_array_equal(
+        np.array(h.astype(mx.float32)), np.array((x + a).astype(mx.float32))
+    )
+    np.testing.assert_allclose(
+        np.array(n.astype(mx.float32)), np.array(norm(x + a).astype(mx.float32)), rtol=tol, atol=tol
+    )
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("N", [1, 3])
+def test_gemv2_equals_linears(dtype, N):
+    from mlxllm.kernels.decode import gemv2, gemv2_supported
+
+    mx.random.seed(2)
+    l1, l2 = nn.Linear(512, 200, bias=False), nn.Linear(512, 72, bias=False)
+    l1.set_dtype(dtype)
+    l2.set_dtype(dtype)
+    x = _rand((N, 1, 512), dtype, 1.0, seed=11)
+    assert gemv2_supported(x, l1, l2)
+    y1, y2 = gemv2(x, l1, l2)
+    with mx.stream(mx.cpu):
+        w1, w2 = l1(x.astype(mx.float32)), l2(x.astype(mx.float32))  # float32 of the same weights
+    tol = 1e-4 if dtype == mx.float32 else 2e-2
+    for got, want in ((y1, w1), (y2, w2)):
+        np.testing.assert_allclose(
+            np.array(got.astype(mx.float32)), np.array(want), rtol=tol, atol=tol
+        )
+
+
+def test_fused_experts_residual():
+    experts, shared = _moe(mx.bfloat16, shared_mult=2)
+    x = _rand((1, 1, 256), mx.bfloat16, 1.0, seed=12)
+    res = _rand((1, 1, 256), mx.bfloat16, 1.0, seed=13)
+    idx = mx.array([[[2, 6, 1]]], dtype=mx.int32)
+    wts = mx.array([[[0.5, 0.3, 0.2]]])
+    plain = moe_decode.fused_experts(x, idx, wts, experts, shared)
+    with_res = moe_decode.fused_experts(x, idx, wts, experts, shared, residual=res)
+    np.testing.assert_array_equal(
+        np.array(with_res.astype(mx.float32)), np.array((res + plain).astype(mx.float32))
+    )

@@ -28,24 +28,40 @@ class LatentCache:
         self.rank = 0  # r: where c_kv ends and k_pe starts in the last axis
         self.offset = 0
 
-    def update_and_fetch(self, c_kv: mx.array, k_pe: mx.array) -> tuple[mx.array, mx.array]:
-        """Append ``c_kv[B, 1, L, r]`` and ``k_pe[B, 1, L, dr]``; return all stored
-        ``c_kv[B, 1, offset + L, r]`` and ``k_pe[B, 1, offset + L, dr]``."""
-        B, _, L, r = c_kv.shape
+    def _grow(self, B: int, L: int, width: int, dtype: mx.Dtype) -> int:
+        """Make room for ``L`` more positions; return the new offset."""
         need = self.offset + L
         if self.buffer is None or need > self.buffer.shape[2]:
             n_new = ((need + self.step - 1) // self.step) * self.step
             grow = n_new - (0 if self.buffer is None else self.offset)  # after dropping the tail
-            block = mx.zeros((B, 1, grow, r + k_pe.shape[-1]), c_kv.dtype)
+            block = mx.zeros((B, 1, grow, width), dtype)
             if self.buffer is None:
-                self.buffer, self.rank = block, r
+                self.buffer = block
             else:
                 # drop the unused tail before growing so the buffer stays [0, offset) + block
                 self.buffer = mx.concatenate([self.buffer[:, :, : self.offset], block], axis=2)
+        return need
+
+    def update_and_fetch(self, c_kv: mx.array, k_pe: mx.array) -> tuple[mx.array, mx.array]:
+        """Append ``c_kv[B, 1, L, r]`` and ``k_pe[B, 1, L, dr]``; return all stored
+        ``c_kv[B, 1, offset + L, r]`` and ``k_pe[B, 1, offset + L, dr]``."""
+        B, _, L, r = c_kv.shape
+        need = self._grow(B, L, r + k_pe.shape[-1], c_kv.dtype)
+        self.rank = r
         self.buffer[:, :, self.offset : need, :r] = c_kv
         self.buffer[:, :, self.offset : need, r:] = k_pe
         self.offset = need
         return self.buffer[:, :, :need, :r], self.buffer[:, :, :need, r:]
+
+    def append(self, row: mx.array, rank: int) -> mx.array:
+        """Append joint rows ``[c_kv, k_pe]`` ``[B, 1, L, r + dr]`` (``r = rank``) in one write;
+        return ``joint``."""
+        B, _, L, width = row.shape
+        need = self._grow(B, L, width, row.dtype)
+        self.rank = rank
+        self.buffer[:, :, self.offset : need, :] = row
+        self.offset = need
+        return self.joint
 
     @property
     def joint(self) -> mx.array:

@@ -151,7 +151,13 @@ _DOWN = r"""
         }
     }
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
-    if (lane == 0) y[(long long)n * D + d] = static_cast<OT>(acc);
+    if (lane == 0) {
+        const long long o = (long long)n * D + d;
+        // as the separate ops round: the MoE output in OT, then the residual add
+        y[o] = HAS_RES ? static_cast<OT>(static_cast<float>(res[o]) +
+                                         static_cast<float>(static_cast<OT>(acc)))
+                       : static_cast<OT>(acc);
+    }
 """
 
 _kernels: dict = {}
@@ -266,6 +272,7 @@ def fused_experts(
     experts,
     shared=None,
     shared_weight: mx.array | None = None,
+    residual: mx.array | None = None,
 ) -> mx.array:
     """``sum_k weights_k * expert_{indices_k}(x) + shared_weight * shared(x)`` in two kernels.
 
@@ -275,6 +282,7 @@ def fused_experts(
         shared: an optional ``SwiGLU`` whose width is a multiple of ``I``.
         shared_weight: ``[..., 1]`` multiplier of the shared output (Qwen's sigmoid gate);
             default 1.
+        residual: ``[..., D]`` added to the result (the block's residual stream), if given.
 
     Returns:
         ``[..., D]`` in ``x``'s dtype. Twin: ``SwitchGLU(x, indices, weights) + shared(x)``.
@@ -308,9 +316,10 @@ def fused_experts(
         output_dtypes=[mx.float32],
     )
     smem = (k + S) * hid * 4
-    (y,) = _kernel("experts_down", ["h", "idx", "wd", "sd"], ["y"], _DOWN, smem)(
-        inputs=[h, idx, experts.down_proj.weight, sd],
-        template=[("OT", x.dtype), *tmpl],
+    res = xs if residual is None else residual.reshape(N, D).astype(x.dtype)
+    (y,) = _kernel("experts_down", ["h", "idx", "wd", "sd", "res"], ["y"], _DOWN, smem)(
+        inputs=[h, idx, experts.down_proj.weight, sd, res],
+        template=[("OT", x.dtype), *tmpl, ("HAS_RES", residual is not None)],
         grid=(-(-D // 8) * 256, 1, N),
         threadgroup=(256, 1, 1),
         output_shapes=[(N, D)],

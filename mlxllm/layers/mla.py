@@ -27,6 +27,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxllm.cache.latent import LatentCache
+from mlxllm.kernels import decode as decode_kernels
+from mlxllm.kernels import mla_decode
 from mlxllm.layers.rope import RoPE
 
 # q_a_layernorm / kv_a_layernorm use the reference's default eps, not the config's rms_norm_eps
@@ -290,9 +293,48 @@ class MLA(nn.Module):
         q = mx.concatenate([q_nope, q_pe], axis=-1)
         return chunked_attention(q, k, v, self.scale, mask, self.max_score_elems)
 
+    def _rope_inv_freq(self) -> mx.array:
+        """float32 ``[dr / 2]`` inverse wavelengths of ``self.rope`` (for the decode kernels)."""
+        inv = self.__dict__.get("_inv_freq")
+        if inv is None:
+            inv = (1.0 / self.rope._freqs).astype(mx.float32)
+            mx.eval(inv)
+            object.__setattr__(self, "_inv_freq", inv)
+        return inv
+
+    def _decode_kernels(self, x: mx.array, cache: LatentCache, w_uk, w_uv) -> mx.array:
+        """One token, absorbed, with the steps around attention as CUDA kernels
+        (``kernels/mla_decode.py``; the twin is the generic path of ``__call__``)."""
+        first = self.q_proj if "q_proj" in self else self.q_a_proj
+        if decode_kernels.gemv2_supported(x, first, self.kv_a_proj_with_mqa):
+            q, kv_a = decode_kernels.gemv2(x, first, self.kv_a_proj_with_mqa)  # one launch
+        else:
+            q, kv_a = first(x), self.kv_a_proj_with_mqa(x)
+        if "q_proj" not in self:
+            q = self.q_b_proj(self.q_a_layernorm(q))
+        pos = mx.array([cache.offset], mx.int32)
+        inv, rope = self._rope_inv_freq(), self.rope
+        row = mla_decode.latent_row(
+            kv_a,
+            self.kv_a_layernorm.weight,
+            self.kv_a_layernorm.eps,
+            inv,
+            rope.scale,
+            rope.traditional,
+            pos,
+        )
+        kv = cache.append(row, self.kv_lora_rank)  # [B, 1, S, r + dr]
+        q = mla_decode.absorbed_query(q, w_uk, inv, rope.scale, rope.traditional, pos)
+        o = mx.fast.scaled_dot_product_attention(q, kv, kv, scale=self.scale)
+        return self.o_proj(mla_decode.value_out(o, w_uv))
+
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         """``x[B, L, dim]`` -> ``[B, L, dim]``; ``cache``: a ``LatentCache`` or None."""
         B, L, _ = x.shape
+        if L == 1 and isinstance(cache, LatentCache) and cache.buffer is not None:
+            w_uk, w_uv = self._kv_b_weights()
+            if mla_decode.supported(x, w_uk, w_uv, self.qk_rope_head_dim):
+                return self._decode_kernels(x, cache, w_uk, w_uv)
         offset = cache.offset if cache is not None else 0
         q_nope, q_pe = self._queries(x, offset)
         c_kv, k_pe = self.latent(x, offset)

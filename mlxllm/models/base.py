@@ -8,6 +8,8 @@ import logging
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxllm.kernels.decode import add_rms_norm
+
 log = logging.getLogger("mlxllm")
 
 
@@ -94,8 +96,12 @@ class DecoderBlock(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(dim, eps=eps)
 
     def __call__(self, x, mask=None, cache=None):
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        a = self.self_attn(self.input_layernorm(x), mask, cache)
+        # h = x + a and its norm: one kernel at CUDA decode (kernels/decode.py)
+        h, n = add_rms_norm(x, a, self.post_attention_layernorm)
+        if getattr(self.mlp, "adds_residual", False):
+            return self.mlp(n, residual=h)  # MoE blocks fold the add into their last kernel
+        return h + self.mlp(n)
 
 
 class Backbone(nn.Module):

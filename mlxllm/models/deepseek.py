@@ -153,7 +153,9 @@ class Router(nn.Module):
 
 
 class MoE(nn.Module):
-    """``sum_k w_k expert_k(x) + shared_experts(x)``."""
+    """``sum_k w_k expert_k(x) + shared_experts(x)`` (plus ``residual`` when given)."""
+
+    adds_residual = True  # DecoderBlock passes the residual stream in (fused on CUDA)
 
     def __init__(self, c: DeepseekConfig):
         super().__init__()
@@ -164,16 +166,16 @@ class MoE(nn.Module):
                 c.hidden_size, c.moe_intermediate_size * c.n_shared_experts
             )
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
         indices, weights = self.gate(x)
         shared = self.get("shared_experts")
         if experts_supported(x, self.experts, shared):
-            # CUDA decode: routed and shared experts in two kernels
-            return fused_experts(x, indices, weights, self.experts, shared)
+            # CUDA decode: routed and shared experts (and the residual add) in two kernels
+            return fused_experts(x, indices, weights, self.experts, shared, residual=residual)
         y = self.experts(x, indices, weights)  # [..., D]
         if "shared_experts" in self:
             y = y + self.shared_experts(x)
-        return y
+        return y if residual is None else residual + y
 
 
 def _attention(c: DeepseekConfig) -> nn.Module:

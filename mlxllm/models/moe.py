@@ -96,7 +96,10 @@ class MoeConfig(BaseConfig):
 
 
 class SparseMoeBlock(nn.Module):
-    """Top-k routed SwiGLU experts plus an optional sigmoid-gated shared expert."""
+    """Top-k routed SwiGLU experts plus an optional sigmoid-gated shared expert (plus
+    ``residual`` when given)."""
+
+    adds_residual = True  # DecoderBlock passes the residual stream in (fused on CUDA)
 
     def __init__(
         self,
@@ -115,7 +118,7 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert = SwiGLU(dim, shared_hidden_dim)
             self.shared_expert_gate = nn.Linear(dim, 1, bias=False)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
         shared = self.get("shared_expert")
         if type(self.gate) is nn.Linear and route_supported(x, self.gate.weight, self.k):
             # CUDA decode: routing in one kernel (see kernels/moe_decode.py)
@@ -125,11 +128,11 @@ class SparseMoeBlock(nn.Module):
         if experts_supported(x, self.experts, shared):
             # CUDA decode: routed and shared experts in two kernels
             gate = mx.sigmoid(self.shared_expert_gate(x)) if shared is not None else None
-            return fused_experts(x, indices, weights, self.experts, shared, gate)
+            return fused_experts(x, indices, weights, self.experts, shared, gate, residual)
         y = self.experts(x, indices, weights)  # [B, L, D]
         if shared is not None:
             y = y + mx.sigmoid(self.shared_expert_gate(x)) * shared(x)
-        return y
+        return y if residual is None else residual + y
 
 
 def block(c: MoeConfig, layer: int) -> DecoderBlock:
