@@ -4,3 +4,30 @@ Every kernel here has a reference implementation in plain MLX ops with the same 
 kernel is used only where it exists (``mx.fast.cuda_kernel`` on MLX's CUDA backend) and tests
 compare the two. Everywhere else the twin runs.
 """
+
+import mlx.core as mx
+
+FLOATS = (mx.float32, mx.float16, mx.bfloat16)
+
+_HEADER = "#define NEG_INF (__int_as_float(0xff800000))\n"
+_kernels: dict = {}
+
+
+def on_cuda() -> bool:
+    """MLX's CUDA backend is the default device (the kernels here are CUDA only)."""
+    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+
+
+def cuda_kernel(name: str, inputs: list[str], outputs: list[str], source: str, smem: int = 0):
+    """``mx.fast.cuda_kernel``, built once per (name, dynamic shared memory)."""
+    key = (name, smem)
+    if key not in _kernels:
+        _kernels[key] = mx.fast.cuda_kernel(
+            name=f"mlxllm_{name}",
+            input_names=inputs,
+            output_names=outputs,
+            source=source,
+            header=_HEADER,
+            shared_memory=smem,
+        )
+    return _kernels[key]

@@ -15,8 +15,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxllm.kernels import FLOATS, cuda_kernel, on_cuda
+
 MAX_TOKENS = 4
-_FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 
 _ADD_NORM = r"""
     // one block of 256 threads per token row
@@ -68,24 +69,9 @@ _GEMV2 = r"""
     }
 """
 
-_kernels: dict = {}
-
-
-def _kernel(name, inputs, outputs, source):
-    if name not in _kernels:
-        _kernels[name] = mx.fast.cuda_kernel(
-            name=f"mlxllm_{name}", input_names=inputs, output_names=outputs, source=source
-        )
-    return _kernels[name]
-
 
 def _on_cuda(x: mx.array) -> bool:
-    return (
-        mx.default_device() == mx.gpu
-        and mx.cuda.is_available()
-        and x.size // x.shape[-1] <= MAX_TOKENS
-        and x.dtype in _FLOATS
-    )
+    return on_cuda() and x.size // x.shape[-1] <= MAX_TOKENS and x.dtype in FLOATS
 
 
 def add_rms_norm(x: mx.array, a: mx.array, norm: nn.RMSNorm) -> tuple[mx.array, mx.array]:
@@ -101,7 +87,7 @@ def add_rms_norm(x: mx.array, a: mx.array, norm: nn.RMSNorm) -> tuple[mx.array, 
         h = x + a
         return h, norm(h)
     N = x.size // D
-    h, n = _kernel("add_rms_norm", ["x", "a", "w", "eps"], ["h", "n"], _ADD_NORM)(
+    h, n = cuda_kernel("add_rms_norm", ["x", "a", "w", "eps"], ["h", "n"], _ADD_NORM)(
         inputs=[x, a, norm.weight, mx.array([norm.eps], mx.float32)],
         template=[("T", x.dtype), ("D", D)],
         grid=(N * 256, 1, 1),
@@ -132,7 +118,7 @@ def gemv2(x: mx.array, lin1: nn.Linear, lin2: nn.Linear) -> tuple[mx.array, mx.a
     D = x.shape[-1]
     N = x.size // D
     o1, o2 = lin1.weight.shape[0], lin2.weight.shape[0]
-    y1, y2 = _kernel("gemv2", ["x", "w1", "w2"], ["y1", "y2"], _GEMV2)(
+    y1, y2 = cuda_kernel("gemv2", ["x", "w1", "w2"], ["y1", "y2"], _GEMV2)(
         inputs=[x.reshape(N, D), lin1.weight, lin2.weight],
         template=[("WT", lin1.weight.dtype), ("OT", x.dtype), ("D", D), ("O1", o1), ("O2", o2)],
         grid=(-(-(o1 + o2) // 8) * 256, 1, N),

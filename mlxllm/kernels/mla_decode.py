@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from mlxllm.kernels import FLOATS, cuda_kernel, on_cuda
+
 _LATENT = r"""
     // one block of 256 threads per batch row: x = kv_a output [R + DR]
     const int b = blockIdx.x;
@@ -110,28 +112,17 @@ _VALUE = r"""
     if (lane == 0) out[(long long)b * H * V + row] = static_cast<T>(a);
 """
 
-_kernels: dict = {}
-_FLOATS = (mx.float32, mx.float16, mx.bfloat16)
-
-
-def _kernel(name: str, inputs: list[str], outputs: list[str], source: str):
-    if name not in _kernels:
-        _kernels[name] = mx.fast.cuda_kernel(
-            name=f"mlxllm_{name}", input_names=inputs, output_names=outputs, source=source
-        )
-    return _kernels[name]
-
 
 def supported(x: mx.array, w_uk: mx.array, w_uv: mx.array, dr: int) -> bool:
     """Whether the kernels run here: MLX's CUDA backend, one token, float weights of ``x``'s
     dtype, widths that 16-byte loads divide."""
-    if mx.default_device() != mx.gpu or not mx.cuda.is_available():
+    if not on_cuda():
         return False
     H, v, r = w_uv.shape
     vec = 16 // x.dtype.size
     return (
         x.shape[1] == 1
-        and x.dtype in _FLOATS
+        and x.dtype in FLOATS
         and w_uk.dtype == x.dtype
         and w_uv.dtype == x.dtype
         and r % vec == 0
@@ -155,7 +146,9 @@ def latent_row(
     B = kv_a.shape[0]
     width = kv_a.shape[-1]
     r = norm_weight.shape[0]
-    (row,) = _kernel("mla_latent_row", ["x", "w", "inv_freq", "pos", "params"], ["row"], _LATENT)(
+    (row,) = cuda_kernel(
+        "mla_latent_row", ["x", "w", "inv_freq", "pos", "params"], ["row"], _LATENT
+    )(
         inputs=[kv_a, norm_weight, inv_freq, pos, mx.array([eps, rope_scale], mx.float32)],
         template=[("T", kv_a.dtype), ("R", r), ("DR", width - r), ("TRAD", traditional)],
         grid=(B * 256, 1, 1),
@@ -180,7 +173,7 @@ def absorbed_query(
     B = q.shape[0]
     H, nope, r = w_uk.shape
     dr = q.shape[-1] // H - nope
-    (out,) = _kernel(
+    (out,) = cuda_kernel(
         "mla_absorbed_query", ["q", "w_uk", "inv_freq", "pos", "params"], ["out"], _QUERY
     )(
         inputs=[q, w_uk, inv_freq, pos, mx.array([0.0, rope_scale], mx.float32)],
@@ -205,7 +198,7 @@ def value_out(o: mx.array, w_uv: mx.array) -> mx.array:
     per head, heads concatenated. Twin: the end of ``MLA.attend_absorbed`` and ``__call__``."""
     B = o.shape[0]
     H, v, r = w_uv.shape
-    (out,) = _kernel("mla_value_out", ["o", "w_uv"], ["out"], _VALUE)(
+    (out,) = cuda_kernel("mla_value_out", ["o", "w_uv"], ["out"], _VALUE)(
         inputs=[o, w_uv],
         template=[("T", o.dtype), ("H", H), ("V", v), ("R", r), ("DR", o.shape[-1] - r)],
         grid=(H * v // 8 * 256, B, 1),

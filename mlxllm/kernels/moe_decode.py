@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-_HEADER = "#define NEG_INF (__int_as_float(0xff800000))\n"
+from mlxllm.kernels import FLOATS, cuda_kernel, on_cuda
 
 _ROUTE = r"""
     // one block of 1024 threads per token
@@ -160,37 +160,20 @@ _DOWN = r"""
     }
 """
 
-_kernels: dict = {}
-
 MAX_TOKENS = 4  # more tokens than this: MLX's sorted gather path is the better one
-_FLOATS = (mx.float32, mx.float16, mx.bfloat16)
-
-
-def _kernel(name: str, inputs: list[str], outputs: list[str], source: str, smem: int = 0):
-    key = (name, smem)
-    if key not in _kernels:
-        _kernels[key] = mx.fast.cuda_kernel(
-            name=f"mlxllm_{name}",
-            input_names=inputs,
-            output_names=outputs,
-            source=source,
-            header=_HEADER,
-            shared_memory=smem,
-        )
-    return _kernels[key]
+_ones_cache: dict = {}
 
 
 def _ones(n: int) -> mx.array:
     """A float32 ``[n]`` of ones, made once (not one fill kernel per layer and step)."""
-    key = ("ones", n)
-    if key not in _kernels:
-        _kernels[key] = mx.ones((n,), mx.float32)
-        mx.eval(_kernels[key])
-    return _kernels[key]
+    if n not in _ones_cache:
+        _ones_cache[n] = mx.ones((n,), mx.float32)
+        mx.eval(_ones_cache[n])
+    return _ones_cache[n]
 
 
 def cuda_available() -> bool:
-    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+    return on_cuda()
 
 
 def route_supported(x: mx.array, weight: mx.array, k: int) -> bool:
@@ -201,8 +184,8 @@ def route_supported(x: mx.array, weight: mx.array, k: int) -> bool:
         and E <= 1024
         and D <= 8192
         and k <= min(E, 32)
-        and x.dtype in _FLOATS
-        and weight.dtype in _FLOATS
+        and x.dtype in FLOATS
+        and weight.dtype in FLOATS
     )
 
 
@@ -223,7 +206,7 @@ def route_topk(
     E, D = weight.shape
     lead = x.shape[:-1]
     N = x.size // D
-    idx, wts = _kernel("route_topk", ["x", "wr", "scale"], ["idx", "wts"], _ROUTE)(
+    idx, wts = cuda_kernel("route_topk", ["x", "wr", "scale"], ["idx", "wts"], _ROUTE)(
         inputs=[x.reshape(N, D), weight, mx.array([scale], mx.float32)],
         template=[
             ("T", x.dtype),
@@ -254,7 +237,7 @@ def experts_supported(x: mx.array, experts, shared) -> bool:
     dtype = experts.gate_proj.weight.dtype
     E, hid, D = experts.gate_proj.weight.shape
     v = 16 // dtype.size
-    ok = dtype in _FLOATS and x.dtype in _FLOATS and D % v == 0 and hid % v == 0 and D <= 8192
+    ok = dtype in FLOATS and x.dtype in FLOATS and D % v == 0 and hid % v == 0 and D <= 8192
     if shared is not None:
         import mlx.nn as nn
 
@@ -307,7 +290,7 @@ def fused_experts(
     rows = (k + S) * hid
     wts = weights.reshape(N, k).astype(mx.float32)
     names = ["x", "idx", "wts", "sw", "wg", "wu", "sg", "su"]
-    (h,) = _kernel("experts_up", names, ["h"], _UP)(
+    (h,) = cuda_kernel("experts_up", names, ["h"], _UP)(
         inputs=[xs, idx, wts, sw, experts.gate_proj.weight, experts.up_proj.weight, sg, su],
         template=tmpl,
         grid=(-(-rows // 8) * 256, 1, N),
@@ -317,7 +300,7 @@ def fused_experts(
     )
     smem = (k + S) * hid * 4
     res = xs if residual is None else residual.reshape(N, D).astype(x.dtype)
-    (y,) = _kernel("experts_down", ["h", "idx", "wd", "sd", "res"], ["y"], _DOWN, smem)(
+    (y,) = cuda_kernel("experts_down", ["h", "idx", "wd", "sd", "res"], ["y"], _DOWN, smem)(
         inputs=[h, idx, experts.down_proj.weight, sd, res],
         template=[("OT", x.dtype), *tmpl, ("HAS_RES", residual is not None)],
         grid=(-(-D // 8) * 256, 1, N),
