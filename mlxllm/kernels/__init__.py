@@ -13,6 +13,17 @@ _HEADER = "#define NEG_INF (__int_as_float(0xff800000))\n"
 _kernels: dict = {}
 
 
+_constants: dict = {}
+
+
+def constant(*values: float) -> mx.array:
+    """A float32 array of ``values``, made once (kernel parameters, not one upload per call)."""
+    if values not in _constants:
+        _constants[values] = mx.array(values, mx.float32)
+        mx.eval(_constants[values])
+    return _constants[values]
+
+
 def on_cuda() -> bool:
     """MLX's CUDA backend is the default device (the kernels here are CUDA only)."""
     return mx.default_device() == mx.gpu and mx.cuda.is_available()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxllm.kernels import FLOATS, cuda_kernel, on_cuda
+from mlxllm.kernels import FLOATS, constant, cuda_kernel, on_cuda
 
 MAX_TOKENS = 4
 
@@ -88,7 +88,7 @@ def add_rms_norm(x: mx.array, a: mx.array, norm: nn.RMSNorm) -> tuple[mx.array, 
         return h, norm(h)
     N = x.size // D
     h, n = cuda_kernel("add_rms_norm", ["x", "a", "w", "eps"], ["h", "n"], _ADD_NORM)(
-        inputs=[x, a, norm.weight, mx.array([norm.eps], mx.float32)],
+        inputs=[x, a, norm.weight, constant(norm.eps)],
         template=[("T", x.dtype), ("D", D)],
         grid=(N * 256, 1, 1),
         threadgroup=(256, 1, 1),

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mlxllm.kernels import FLOATS, cuda_kernel, on_cuda
+from mlxllm.kernels import FLOATS, constant, cuda_kernel, on_cuda
 
 _LATENT = r"""
     // one block of 256 threads per batch row: x = kv_a output [R + DR]
@@ -149,7 +149,7 @@ def latent_row(
     (row,) = cuda_kernel(
         "mla_latent_row", ["x", "w", "inv_freq", "pos", "params"], ["row"], _LATENT
     )(
-        inputs=[kv_a, norm_weight, inv_freq, pos, mx.array([eps, rope_scale], mx.float32)],
+        inputs=[kv_a, norm_weight, inv_freq, pos, constant(eps, rope_scale)],
         template=[("T", kv_a.dtype), ("R", r), ("DR", width - r), ("TRAD", traditional)],
         grid=(B * 256, 1, 1),
         threadgroup=(256, 1, 1),
@@ -176,7 +176,7 @@ def absorbed_query(
     (out,) = cuda_kernel(
         "mla_absorbed_query", ["q", "w_uk", "inv_freq", "pos", "params"], ["out"], _QUERY
     )(
-        inputs=[q, w_uk, inv_freq, pos, mx.array([0.0, rope_scale], mx.float32)],
+        inputs=[q, w_uk, inv_freq, pos, constant(0.0, rope_scale)],
         template=[
             ("T", q.dtype),
             ("H", H),

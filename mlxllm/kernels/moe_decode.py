@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mlxllm.kernels import FLOATS, cuda_kernel, on_cuda
+from mlxllm.kernels import FLOATS, constant, cuda_kernel, on_cuda
 
 _ROUTE = r"""
     // one block of 1024 threads per token
@@ -161,15 +161,6 @@ _DOWN = r"""
 """
 
 MAX_TOKENS = 4  # more tokens than this: MLX's sorted gather path is the better one
-_ones_cache: dict = {}
-
-
-def _ones(n: int) -> mx.array:
-    """A float32 ``[n]`` of ones, made once (not one fill kernel per layer and step)."""
-    if n not in _ones_cache:
-        _ones_cache[n] = mx.ones((n,), mx.float32)
-        mx.eval(_ones_cache[n])
-    return _ones_cache[n]
 
 
 def cuda_available() -> bool:
@@ -207,7 +198,7 @@ def route_topk(
     lead = x.shape[:-1]
     N = x.size // D
     idx, wts = cuda_kernel("route_topk", ["x", "wr", "scale"], ["idx", "wts"], _ROUTE)(
-        inputs=[x.reshape(N, D), weight, mx.array([scale], mx.float32)],
+        inputs=[x.reshape(N, D), weight, constant(scale)],
         template=[
             ("T", x.dtype),
             ("WT", weight.dtype),
@@ -281,7 +272,7 @@ def fused_experts(
         S = 0
         sg = su = sd = experts.gate_proj.weight  # not read
     if shared_weight is None:
-        sw = _ones(N)
+        sw = constant(*([1.0] * N))  # shared experts at weight 1
     else:
         sw = shared_weight.reshape(N).astype(mx.float32)
     idx = indices.reshape(N, k).astype(mx.int32)
