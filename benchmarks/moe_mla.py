@@ -15,6 +15,8 @@ configs::
 
     python benchmarks/moe_mla.py --layers 2 --contexts 512 8192 --gen 8      # CPU
     python benchmarks/moe_mla.py --contexts 8192 32768 131072 --gen 64 --repeats 2   # GPU
+
+``--kernels`` also counts CUDA kernels and GPU-busy time per token (CUPTI via torch.profiler).
 """
 
 from __future__ import annotations
@@ -169,7 +171,37 @@ def _own_loop(tool: str, model, caches, gen: int, mx) -> float:
     return gen / (time.perf_counter() - t0)
 
 
-def worker(tool: str, name: str, layers: int | None, context: int, gen: int, dtype: str) -> dict:
+def _kernel_profile(tool: str, model, caches, mx, steps: int = 4) -> dict:
+    """CUDA kernels and GPU-busy time per token of the tool's own loop, counted by CUPTI through
+    ``torch.profiler`` in this process (it sees MLX's kernels too). Empty without torch + CUDA.
+
+    On MLX's CUDA backend issuing a kernel costs ~10 us whatever it computes, so decode speed
+    follows the number of kernels per token more than the bytes read.
+    """
+    try:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:
+        return {}
+    if not torch.cuda.is_available():
+        return {}
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        _own_loop(tool, model, caches, steps, mx)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(getattr(e, "device_time", None) or e.cuda_time for e in kernels)
+    n = steps + 1  # the loop also runs the step that yields the first token
+    return {"kernels_per_token": len(kernels) / n, "gpu_busy_ms": busy_us / n / 1e3}
+
+
+def worker(
+    tool: str,
+    name: str,
+    layers: int | None,
+    context: int,
+    gen: int,
+    dtype: str,
+    kernels: bool = False,
+) -> dict:
     config = dict(CONFIGS[name])
     if layers:
         config["num_hidden_layers"] = layers
@@ -202,7 +234,9 @@ def worker(tool: str, name: str, layers: int | None, context: int, gen: int, dty
     for c in caches:
         c.trim(gen)
     gen_tps = _own_loop(tool, model, caches, gen, mx)
+    prof = _kernel_profile(tool, model, caches, mx) if kernels else {}
     return {
+        **prof,
         "decode_tps": gen / dt,
         "generate_tps": gen_tps,
         "kv_bytes": kv_bytes,
@@ -220,11 +254,16 @@ def main(argv=None):
     ap.add_argument("--gen", type=int, default=16)
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
     ap.add_argument("--repeats", type=int, default=1, help="alternate runs; report the median")
+    ap.add_argument(
+        "--kernels",
+        action="store_true",
+        help="also count CUDA kernels and GPU-busy ms per token (needs torch with CUDA)",
+    )
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         tool, name, layers, context, dtype = args.worker
-        res = worker(tool, name, int(layers) or None, int(context), args.gen, dtype)
+        res = worker(tool, name, int(layers) or None, int(context), args.gen, dtype, args.kernels)
         print(json.dumps(res))
         return
     if args.dtype is None:
@@ -238,7 +277,9 @@ def main(argv=None):
             runs = {"mlxllm": [], "mlx-lm": []}
             for _ in range(args.repeats):  # alternate the tools so drift hits both alike
                 for tool in runs:
-                    cmd = [sys.executable, __file__, "--gen", str(args.gen), "--worker", tool, name]
+                    cmd = [sys.executable, __file__, "--gen", str(args.gen)]
+                    cmd += ["--kernels"] if args.kernels else []
+                    cmd += ["--worker", tool, name]
                     cmd += [str(args.layers or 0), str(ctx), args.dtype]
                     r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
                     if r.returncode != 0:
@@ -282,6 +323,20 @@ def main(argv=None):
             f"{ratio} | {f(a, 'generate_tps')} | {f(b, 'generate_tps')} | {gratio} | "
             f"{f(a, 'kv_bytes', 1e6, '.1f')} | {f(b, 'kv_bytes', 1e6, '.1f')} |"
         )
+    counted = [r for r in rows if all("kernels_per_token" in r[t] for t in ("mlxllm", "mlx-lm"))]
+    if counted:
+        lines += [
+            "",
+            "| config | context | kernels/token mlxllm | mlx-lm | GPU-busy ms/token mlxllm "
+            "| mlx-lm |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in counted:
+            a, b = r["mlxllm"], r["mlx-lm"]
+            lines.append(
+                f"| {r['config']} | {r['context']} | {a['kernels_per_token']:.0f} | "
+                f"{b['kernels_per_token']:.0f} | {a['gpu_busy_ms']:.2f} | {b['gpu_busy_ms']:.2f} |"
+            )
     print("\n".join(lines))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
