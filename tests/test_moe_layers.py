@@ -335,3 +335,13 @@ def test_weighted_experts_equal_the_weighted_sum(bias, quantized, sort):
     ours = glu(x, idx, w, sort=sort)
     assert ours.shape == (2, 3, D)
     np.testing.assert_allclose(np.array(ours), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_kernels_only_take_decode_steps():
+    """The CUDA decode kernels (no gradient) must never see prefill or training inputs."""
+    from mlxllm.kernels import decode_tokens
+
+    assert decode_tokens(mx.zeros((1, 1, 8))) and decode_tokens(mx.zeros((4, 1, 8)))
+    assert not decode_tokens(mx.zeros((5, 1, 8)))  # a large decode batch: MLX's gather path
+    assert not decode_tokens(mx.zeros((1, 2, 8)))  # two positions (training has >= 2)
+    assert not decode_tokens(mx.zeros((8,)))

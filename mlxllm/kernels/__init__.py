@@ -24,6 +24,15 @@ def constant(*values: float) -> mx.array:
     return _constants[values]
 
 
+MAX_TOKENS = 4  # decode of a few sequences; longer inputs take the MLX ops
+
+
+def decode_tokens(x: mx.array) -> bool:
+    """``x[..., 1, D]`` with at most ``MAX_TOKENS`` rows: a decode step. Inputs of more than one
+    position (prefill, training: the kernels have no gradient) take the MLX ops."""
+    return x.ndim >= 2 and x.shape[-2] == 1 and x.size // x.shape[-1] <= MAX_TOKENS
+
+
 def on_cuda() -> bool:
     """MLX's CUDA backend is the default device (the kernels here are CUDA only)."""
     return mx.default_device() == mx.gpu and mx.cuda.is_available()

@@ -15,9 +15,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxllm.kernels import FLOATS, constant, cuda_kernel, on_cuda
+from mlxllm.kernels import FLOATS, constant, cuda_kernel, decode_tokens, on_cuda
 
-MAX_TOKENS = 4
 
 _ADD_NORM = r"""
     // one block of 256 threads per token row
@@ -71,7 +70,7 @@ _GEMV2 = r"""
 
 
 def _on_cuda(x: mx.array) -> bool:
-    return on_cuda() and x.size // x.shape[-1] <= MAX_TOKENS and x.dtype in FLOATS
+    return on_cuda() and decode_tokens(x) and x.dtype in FLOATS
 
 
 def add_rms_norm(x: mx.array, a: mx.array, norm: nn.RMSNorm) -> tuple[mx.array, mx.array]:

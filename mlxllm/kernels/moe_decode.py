@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mlxllm.kernels import FLOATS, constant, cuda_kernel, on_cuda
+from mlxllm.kernels import FLOATS, constant, cuda_kernel, decode_tokens, on_cuda
 
 _ROUTE = r"""
     // one block of 1024 threads per token
@@ -160,8 +160,6 @@ _DOWN = r"""
     }
 """
 
-MAX_TOKENS = 4  # more tokens than this: MLX's sorted gather path is the better one
-
 
 def cuda_available() -> bool:
     return on_cuda()
@@ -171,7 +169,7 @@ def route_supported(x: mx.array, weight: mx.array, k: int) -> bool:
     E, D = weight.shape
     return (
         cuda_available()
-        and x.size // D <= MAX_TOKENS
+        and decode_tokens(x)
         and E <= 1024
         and D <= 8192
         and k <= min(E, 32)
@@ -220,7 +218,7 @@ def experts_supported(x: mx.array, experts, shared) -> bool:
     (no quantization, bias or adapter), widths a multiple of one 16-byte load."""
     from mlxllm.layers.moe import SwitchLinear
 
-    if not cuda_available() or x.size // x.shape[-1] > MAX_TOKENS:
+    if not cuda_available() or not decode_tokens(x):
         return False
     projs = [experts.gate_proj, experts.up_proj, experts.down_proj]
     if any(type(p) is not SwitchLinear or "bias" in p for p in projs):
