@@ -17,7 +17,6 @@ import mlx.nn as nn
 
 from mlxllm.kernels import FLOATS, constant, cuda_kernel, decode_tokens, on_cuda
 
-
 _ADD_NORM = r"""
     // one block of 256 threads per token row
     const long long base = (long long)blockIdx.x * D;
