@@ -282,3 +282,25 @@ def test_fused_experts_residual():
     np.testing.assert_array_equal(
         np.array(with_res.astype(mx.float32)), np.array((res + plain).astype(mx.float32))
     )
+
+
+@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("S", [1, 63, 64, 65, 1000, 8193])
+def test_latent_attention_equals_sdpa(B, S):
+    """Tensor-core latent attention + W_UV vs MLX's SDPA + ``value_out``, reading a prefix view
+    of a longer cache buffer (as ``LatentCache.joint`` is)."""
+    from mlxllm.kernels import mla_decode
+
+    H, r, dr, v = 16, 512, 64, 128
+    dt = mx.bfloat16
+    q = _rand((B, H, 1, r + dr), dt, 1.0, seed=14)
+    buffer = _rand((B, 1, S + 300, r + dr), dt, 1.0, seed=15)
+    kv = buffer[:, :, :S]
+    w_uv = _rand((H, v, r), dt, 0.05, seed=16)
+    assert mla_decode.flash_supported(q, kv, w_uv)
+    got = mla_decode.latent_attention(q, kv, 0.07, w_uv)
+    o = mx.fast.scaled_dot_product_attention(q, kv, kv, scale=0.07)
+    want = mla_decode.value_out(o, w_uv)
+    np.testing.assert_allclose(
+        np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)), rtol=3e-2, atol=3e-2
+    )

@@ -38,8 +38,19 @@ def on_cuda() -> bool:
     return mx.default_device() == mx.gpu and mx.cuda.is_available()
 
 
-def cuda_kernel(name: str, inputs: list[str], outputs: list[str], source: str, smem: int = 0):
-    """``mx.fast.cuda_kernel``, built once per (name, dynamic shared memory)."""
+def cuda_kernel(
+    name: str,
+    inputs: list[str],
+    outputs: list[str],
+    source: str,
+    smem: int = 0,
+    contiguous: bool = True,
+    header: str = "",
+):
+    """``mx.fast.cuda_kernel``, built once per (name, dynamic shared memory).
+
+    ``contiguous=False``: inputs are passed as they are (the source reads ``<name>_strides``).
+    """
     key = (name, smem)
     if key not in _kernels:
         _kernels[key] = mx.fast.cuda_kernel(
@@ -47,7 +58,8 @@ def cuda_kernel(name: str, inputs: list[str], outputs: list[str], source: str, s
             input_names=inputs,
             output_names=outputs,
             source=source,
-            header=_HEADER,
+            header=_HEADER + header,
+            ensure_row_contiguous=contiguous,
             shared_memory=smem,
         )
     return _kernels[key]

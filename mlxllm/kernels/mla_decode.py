@@ -207,3 +207,264 @@ def value_out(o: mx.array, w_uv: mx.array) -> mx.array:
         output_dtypes=[o.dtype],
     )
     return out
+
+
+# ---- latent flash-decoding on tensor cores (WIP: written without a GPU, untested) ----------
+
+_FLASH_HEADER = "#include <mma.h>\n"
+
+_FLASH_PARTIAL = r"""
+    // block (split, group of 16 heads, batch); 8 warps. Tiles of TK cached rows in shared
+    // memory; S = Q K^T and O = P V on tensor cores (wmma 16x16x16, float accumulators);
+    // online softmax in float32; per-split partials (acc, m, l) out.
+    using namespace nvcuda;
+    constexpr int W = R + DR;
+    constexpr int TK = 64;
+    constexpr int LD = W + 8;     // bf16 row stride of Q / K tiles (16-row offsets 32B-aligned)
+    constexpr int LDS = TK + 4;   // float scores
+    constexpr int LDP = TK + 8;   // bf16 probabilities
+    constexpr int LDO = R + 4;    // float tile output
+    constexpr int NA = R / 32;
+    constexpr int KSTEPS = W / 16;
+    const int b = blockIdx.z, hg = blockIdx.y, split = blockIdx.x, nsplit = gridDim.x;
+    const int tid = threadIdx.x, warp = tid >> 5;
+    const int S = kv_shape[2];
+    const long long kvb = (long long)b * kv_strides[0];
+    const long long kvs = kv_strides[2];
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    T* Qs = reinterpret_cast<T*>(smem_raw);                   // [16][LD]
+    T* Ks = Qs + 16 * LD;                                     // [TK][LD]
+    float* Sf = reinterpret_cast<float*>(Ks + TK * LD);       // [2][16][LDS]
+    T* Pb = reinterpret_cast<T*>(Sf + 2 * 16 * LDS);          // [16][LDP]
+    float* Ot = reinterpret_cast<float*>(Pb + 16 * LDP);      // [16][LDO]
+
+    const float sc = scale[0];
+    for (int i = tid; i < 16 * (W / 8); i += 256) {
+        const int h = i / (W / 8), c = i - h * (W / 8);
+        const long long qrow = ((long long)b * H + hg * 16 + h) * W;
+        reinterpret_cast<uint4*>(Qs + h * LD)[c] = reinterpret_cast<const uint4*>(q + qrow)[c];
+    }
+
+    const int n_tiles = (S + TK - 1) / TK;
+    const int per = (n_tiles + nsplit - 1) / nsplit;
+    const int t_begin = split * per;
+    const int t_end = min(t_begin + per, n_tiles);
+    const int oh = tid >> 4;           // this thread's head for softmax and accumulators
+    const int q4 = (tid & 15) * 4;     // its 4 keys of a tile in the softmax
+    float acc[2 * NA];
+#pragma unroll
+    for (int i = 0; i < 2 * NA; ++i) acc[i] = 0.f;
+    float m_run = NEG_INF, l_run = 0.f;
+
+    for (int t = t_begin; t < t_end; ++t) {
+        const int base = t * TK;
+        __syncthreads();
+        for (int i = tid; i < TK * (W / 8); i += 256) {
+            const int j = i / (W / 8), c = i - j * (W / 8);
+            uint4 v = make_uint4(0u, 0u, 0u, 0u);
+            if (base + j < S) v = reinterpret_cast<const uint4*>(kv + kvb + (base + j) * kvs)[c];
+            reinterpret_cast<uint4*>(Ks + j * LD)[c] = v;
+        }
+        __syncthreads();
+        {   // scores: warp -> 16 keys (warp & 3) x half of the feature steps (warp >> 2)
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> s_acc;
+            wmma::fill_fragment(s_acc, 0.f);
+            const int kh = warp >> 2, nf = warp & 3;
+            const int k0 = kh * (KSTEPS / 2), k1 = kh ? KSTEPS : KSTEPS / 2;
+            for (int ks = k0; ks < k1; ++ks) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kb;
+                wmma::load_matrix_sync(a, Qs + ks * 16, LD);
+                wmma::load_matrix_sync(kb, Ks + nf * 16 * LD + ks * 16, LD);
+                wmma::mma_sync(s_acc, a, kb, s_acc);
+            }
+            wmma::store_matrix_sync(Sf + kh * 16 * LDS + nf * 16, s_acc, LDS, wmma::mem_row_major);
+        }
+        __syncthreads();
+        float corr;
+        {   // online softmax for head oh over this tile (16 threads per head, 4 keys each)
+            float s[4];
+            float mt = NEG_INF;
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int j = q4 + u;
+                float v = (Sf[oh * LDS + j] + Sf[16 * LDS + oh * LDS + j]) * sc;
+                if (base + j >= S) v = NEG_INF;
+                s[u] = v;
+                mt = fmaxf(mt, v);
+            }
+            for (int o = 8; o > 0; o >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffff, mt, o));
+            const float m_new = fmaxf(m_run, mt);
+            corr = m_run == NEG_INF ? 0.f : expf(m_run - m_new);
+            float ls = 0.f;
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const float p = s[u] == NEG_INF ? 0.f : expf(s[u] - m_new);
+                ls += p;
+                Pb[oh * LDP + q4 + u] = static_cast<T>(p);
+            }
+            for (int o = 8; o > 0; o >>= 1) ls += __shfl_xor_sync(0xffffffff, ls, o);
+            l_run = l_run * corr + ls;
+            m_run = m_new;
+        }
+        __syncthreads();
+        for (int f = warp; f < R / 16; f += 8) {  // O_tile = P V (V: the first R features)
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> o_acc;
+            wmma::fill_fragment(o_acc, 0.f);
+#pragma unroll
+            for (int ks = 0; ks < TK / 16; ++ks) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vb;
+                wmma::load_matrix_sync(a, Pb + ks * 16, LDP);
+                wmma::load_matrix_sync(vb, Ks + ks * 16 * LD + f * 16, LD);
+                wmma::mma_sync(o_acc, a, vb, o_acc);
+            }
+            wmma::store_matrix_sync(Ot + f * 16, o_acc, LDO, wmma::mem_row_major);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < NA; ++i) {
+            const int d = (tid & 15) * 2 + 32 * i;
+            acc[2 * i] = acc[2 * i] * corr + Ot[oh * LDO + d];
+            acc[2 * i + 1] = acc[2 * i + 1] * corr + Ot[oh * LDO + d + 1];
+        }
+    }
+
+    const long long row = ((long long)b * nsplit + split) * H + hg * 16 + oh;
+#pragma unroll
+    for (int i = 0; i < NA; ++i) {
+        const int d = (tid & 15) * 2 + 32 * i;
+        o_part[row * R + d] = acc[2 * i];
+        o_part[row * R + d + 1] = acc[2 * i + 1];
+    }
+    if ((tid & 15) == 0) {
+        ml[row * 2] = m_run;
+        ml[row * 2 + 1] = l_run;
+    }
+"""
+
+_FLASH_COMBINE = r"""
+    // one block of 256 threads per (batch, head): merge the splits, then W_UV (V outputs)
+    constexpr int VEC = 16 / sizeof(T);
+    const int bh = blockIdx.x;
+    const int b = bh / H, h = bh - b * H;
+    const int nsplit = ml_shape[1];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    __shared__ float wsh[256];
+    __shared__ float red[8];
+    __shared__ float total[2];
+    __shared__ __align__(16) float os[R];
+    float m = NEG_INF, l = 0.f;
+    if (tid < nsplit) {
+        const long long r = ((long long)b * nsplit + tid) * H + h;
+        m = ml[r * 2];
+        l = ml[r * 2 + 1];
+    }
+    float v = m;
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    if (tid == 0) {
+        float mm = red[0];
+        for (int i = 1; i < 8; ++i) mm = fmaxf(mm, red[i]);
+        total[0] = mm;
+    }
+    __syncthreads();
+    const float M = total[0];
+    const float w = m == NEG_INF ? 0.f : expf(m - M);
+    wsh[tid] = w;
+    v = w * l;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    if (tid == 0) {
+        float s = 0.f;
+        for (int i = 0; i < 8; ++i) s += red[i];
+        total[1] = 1.f / s;
+    }
+    __syncthreads();
+    const float inv_l = total[1];
+    for (int d = tid; d < R; d += 256) {
+        float o = 0.f;
+        for (int s = 0; s < nsplit; ++s) {
+            const float ws = wsh[s];
+            if (ws != 0.f) o += ws * o_part[(((long long)b * nsplit + s) * H + h) * R + d];
+        }
+        // rounded to the model dtype, as the attention output is before W_UV
+        os[d] = static_cast<float>(static_cast<T>(o * inv_l));
+    }
+    __syncthreads();
+    for (int j = warp; j < V; j += 8) {
+        const T* wr = w_uv + ((long long)h * V + j) * R;
+        float a = 0.f;
+        for (int c = lane; c < R / VEC; c += 32) {
+            const uint4 wv = reinterpret_cast<const uint4*>(wr)[c];
+            const T* wp = reinterpret_cast<const T*>(&wv);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) a += os[c * VEC + e] * static_cast<float>(wp[e]);
+        }
+        for (int s = 16; s > 0; s >>= 1) a += __shfl_xor_sync(0xffffffff, a, s);
+        if (lane == 0) out[((long long)b * H + h) * V + j] = static_cast<T>(a);
+    }
+"""
+
+_TK = 64
+
+
+def flash_supported(q: mx.array, kv: mx.array, w_uv: mx.array) -> bool:
+    """Tensor-core latent attention: 16-bit floats, heads in groups of 16, 16-wide features."""
+    H, v, r = w_uv.shape
+    W = kv.shape[-1]
+    return (
+        on_cuda()
+        and q.dtype in (mx.bfloat16, mx.float16)
+        and kv.dtype == q.dtype == w_uv.dtype
+        and H % 16 == 0
+        and W % 16 == 0
+        and r % 32 == 0
+    )
+
+
+def _flash_smem(W: int, r: int) -> int:
+    LD, LDS, LDP, LDO = W + 8, _TK + 4, _TK + 8, r + 4
+    return 16 * LD * 2 + _TK * LD * 2 + 2 * 16 * LDS * 4 + 16 * LDP * 2 + 16 * LDO * 4
+
+
+def latent_attention(q: mx.array, kv: mx.array, scale: float, w_uv: mx.array) -> mx.array:
+    """Absorbed attention plus ``W_UV``: ``q[B, H, 1, r + dr]`` (from ``absorbed_query``) over
+    ``kv[B, 1, S, r + dr]`` (the cache's ``joint``: full-width rows, possibly a view of a longer
+    buffer; read through its strides, never copied) ->
+    ``[B, 1, H * v]``. Twin: ``scaled_dot_product_attention(q, kv, kv)`` then ``value_out``."""
+    B, H = q.shape[0], q.shape[1]
+    W = kv.shape[-1]
+    _, v, r = w_uv.shape
+    S = kv.shape[2]
+    groups = H // 16
+    ns = max(1, min(-(-S // _TK), 132 // groups, 256))
+    smem = _flash_smem(W, r)
+    o_part, ml = cuda_kernel(
+        "mla_flash_partial",
+        ["q", "kv", "scale"],
+        ["o_part", "ml"],
+        _FLASH_PARTIAL,
+        smem=smem,
+        contiguous=False,
+        header=_FLASH_HEADER,
+    )(
+        inputs=[q, kv, mx.array([scale], mx.float32)],
+        template=[("T", q.dtype), ("H", H), ("R", r), ("DR", W - r)],
+        grid=(ns * 256, groups, B),
+        threadgroup=(256, 1, 1),
+        output_shapes=[(B, ns, H, r), (B, ns, H, 2)],
+        output_dtypes=[mx.float32, mx.float32],
+    )
+    (out,) = cuda_kernel("mla_flash_combine", ["o_part", "ml", "w_uv"], ["out"], _FLASH_COMBINE)(
+        inputs=[o_part, ml, w_uv],
+        template=[("T", q.dtype), ("H", H), ("R", r), ("V", v)],
+        grid=(B * H * 256, 1, 1),
+        threadgroup=(256, 1, 1),
+        output_shapes=[(B, 1, H * v)],
+        output_dtypes=[q.dtype],
+    )
+    return out

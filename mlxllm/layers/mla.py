@@ -325,6 +325,9 @@ class MLA(nn.Module):
         )
         kv = cache.append(row, self.kv_lora_rank)  # [B, 1, S, r + dr]
         q = mla_decode.absorbed_query(q, w_uk, inv, rope.scale, rope.traditional, pos)
+        if mla_decode.flash_supported(q, kv, w_uv):
+            # attention and W_UV in two kernels (tensor cores) instead of MLX's ~6
+            return self.o_proj(mla_decode.latent_attention(q, kv, self.scale, w_uv))
         o = mx.fast.scaled_dot_product_attention(q, kv, kv, scale=self.scale)
         return self.o_proj(mla_decode.value_out(o, w_uv))
 
