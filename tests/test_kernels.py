@@ -304,3 +304,31 @@ def test_latent_attention_equals_sdpa(B, S):
     np.testing.assert_allclose(
         np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)), rtol=3e-2, atol=3e-2
     )
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 64), (4, 32), (4, 128)])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("shared_mult", [0, 2])
+def test_fused_quantized_experts_equal_gather_qmm(bits, group_size, dtype, shared_mult):
+    """Affine 4/8-bit experts (and shared experts): kernels vs SwitchGLU over gather_qmm."""
+    experts, shared = _moe(dtype, D=256, hid=128, shared_mult=shared_mult)
+    nn.quantize(experts, group_size=group_size, bits=bits)
+    if shared is not None:
+        nn.quantize(shared, group_size=group_size, bits=bits)
+    x = _rand((2, 1, 256), dtype, 1.0, seed=17)
+    idx = mx.array([[[1, 4, 7]], [[0, 4, 2]]], dtype=mx.int32)
+    wts = mx.array([[[0.5, 0.3, 0.2]], [[0.6, 0.1, 0.3]]])
+    res = _rand((2, 1, 256), dtype, 1.0, seed=18)
+    assert moe_decode.quantized_experts_supported(x, experts, shared)
+    assert moe_decode.fused_experts_for(x, experts, shared) is moe_decode.fused_quantized_experts
+    got = moe_decode.fused_quantized_experts(x, idx, wts, experts, shared, residual=res)
+    stream = mx.cpu if dtype == mx.float32 else mx.gpu  # CPU is exact with float32 scales
+    with mx.stream(stream):
+        want = experts(x, idx, wts)
+        if shared is not None:
+            want = want + shared(x)
+        want = res + want.astype(dtype)
+    tol = 1e-4 if dtype == mx.float32 else 3e-2
+    np.testing.assert_allclose(
+        np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)), rtol=tol, atol=tol
+    )

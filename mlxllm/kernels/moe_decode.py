@@ -298,3 +298,203 @@ def fused_experts(
         output_dtypes=[x.dtype],
     )
     return y.reshape(*lead, D)
+
+
+# ---- affine-quantized experts (WIP: written without a GPU, untested) ----------------------
+# Packed codes ``uint32 [rows, in * BITS / 32]`` (value j of a word in bits [BITS*j, BITS*j +
+# BITS)), ``scales`` / ``biases`` ``[rows, in / GS]``: w = scale * q + bias per group. One
+# 16-byte load holds EPC = 128 / BITS codes, all in one group (GS % EPC == 0), so a chunk adds
+# scale * sum(x * q) + bias * sum(x).
+
+_QDOT = r"""
+template <int BITS, int GS, int IN, typename ST>
+__device__ __forceinline__ float qdot(const unsigned int* w, const ST* s, const ST* b,
+                                      const float* xs, int lane) {
+    constexpr int EPC = 128 / BITS;
+    constexpr int PER = 32 / BITS;
+    constexpr unsigned int MASK = (1u << BITS) - 1u;
+    float acc = 0.f;
+    for (int c = lane; c < IN / EPC; c += 32) {
+        const uint4 wv = reinterpret_cast<const uint4*>(w)[c];
+        const unsigned int words[4] = {wv.x, wv.y, wv.z, wv.w};
+        const float* xc = xs + c * EPC;
+        float xq = 0.f, xsum = 0.f;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+#pragma unroll
+            for (int j = 0; j < PER; ++j) {
+                const float xv = xc[k * PER + j];
+                xq += xv * static_cast<float>((words[k] >> (BITS * j)) & MASK);
+                xsum += xv;
+            }
+        }
+        const int g = (c * EPC) / GS;
+        acc += static_cast<float>(s[g]) * xq + static_cast<float>(b[g]) * xsum;
+    }
+    return acc;
+}
+"""
+
+_UP_Q = r"""
+    constexpr int WPR = D * BITS / 32;  // words per row
+    constexpr int GPR = D / GS;         // groups per row
+    const int n = blockIdx.z;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __shared__ __align__(16) float xs[D];
+    for (int d = threadIdx.x; d < D; d += 256) xs[d] = static_cast<float>(x[(long long)n * D + d]);
+    __syncthreads();
+    const int row = blockIdx.x * 8 + warp;
+    if (row >= (K + S) * I) return;
+    const int slot = row / I, j = row - slot * I;
+    float ag, au;
+    if (slot < K) {
+        const long long r = (long long)idx[(long long)n * K + slot] * I + j;
+        ag = qdot<BITS, GS, D>(wg + r * WPR, wgs + r * GPR, wgb + r * GPR, xs, lane);
+        au = qdot<BITS, GS, D>(wu + r * WPR, wus + r * GPR, wub + r * GPR, xs, lane);
+    } else {
+        const long long r = (long long)(slot - K) * I + j;
+        ag = qdot<BITS, GS, D>(sg + r * WPR, sgs + r * GPR, sgb + r * GPR, xs, lane);
+        au = qdot<BITS, GS, D>(su + r * WPR, sus + r * GPR, sub + r * GPR, xs, lane);
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        ag += __shfl_xor_sync(0xffffffff, ag, o);
+        au += __shfl_xor_sync(0xffffffff, au, o);
+    }
+    if (lane == 0) {
+        const float act = ag / (1.f + expf(-ag));
+        const float w = slot < K ? wts[(long long)n * K + slot] : sw[n];
+        h[((long long)n * (K + S) + slot) * I + j] = act * au * w;
+    }
+"""
+
+_DOWN_Q = r"""
+    constexpr int WPR = I * BITS / 32;       // words per routed row (input width I)
+    constexpr int GPR = I / GS;
+    constexpr int SWPR = S * I * BITS / 32;  // shared down rows are S * I wide
+    constexpr int SGPR = S * I / GS;
+    const int n = blockIdx.z;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    float* hs = reinterpret_cast<float*>(smem_raw);
+    const float* hn = h + (long long)n * (K + S) * I;
+    for (int i = threadIdx.x; i < (K + S) * I; i += 256) hs[i] = hn[i];
+    __syncthreads();
+    const int d = blockIdx.x * 8 + warp;
+    if (d >= D) return;
+    float acc = 0.f;
+    for (int slot = 0; slot < K; ++slot) {
+        const long long r = (long long)idx[(long long)n * K + slot] * D + d;
+        acc += qdot<BITS, GS, I>(wd + r * WPR, wds + r * GPR, wdb + r * GPR, hs + slot * I, lane);
+    }
+    for (int s = 0; s < S; ++s) {
+        const long long w0 = (long long)d * SWPR + (long long)s * I * BITS / 32;
+        const long long g0 = (long long)d * SGPR + (long long)s * I / GS;
+        acc += qdot<BITS, GS, I>(sd + w0, sds + g0, sdb + g0, hs + (K + s) * I, lane);
+    }
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
+    if (lane == 0) {
+        const long long o = (long long)n * D + d;
+        y[o] = HAS_RES ? static_cast<OT>(static_cast<float>(res[o]) +
+                                         static_cast<float>(static_cast<OT>(acc)))
+                       : static_cast<OT>(acc);
+    }
+"""
+
+
+def quantized_experts_supported(x: mx.array, experts, shared) -> bool:
+    """``fused_quantized_experts`` runs here: CUDA, a few tokens, affine 4/8-bit experts (and
+    shared experts with the same settings), group boundaries on 16-byte loads."""
+    import mlx.nn as nn
+
+    from mlxllm.layers.moe import QuantizedSwitchLinear
+
+    if not cuda_available() or x.size // x.shape[-1] > MAX_TOKENS or x.dtype not in FLOATS:
+        return False
+    projs = [experts.gate_proj, experts.up_proj, experts.down_proj]
+    if any(type(p) is not QuantizedSwitchLinear or "bias" in p for p in projs):
+        return False
+    g = experts.gate_proj
+    bits, gs = g.bits, g.group_size
+    if g.mode != "affine" or bits not in (4, 8) or gs not in (32, 64, 128):
+        return False
+    if any((p.bits, p.group_size, p.mode) != (bits, gs, "affine") for p in projs):
+        return False
+    hid, D = g.scales.shape[1], x.shape[-1]
+    epc = 128 // bits
+    ok = D % gs == 0 and hid % gs == 0 and gs % epc == 0 and D <= 8192
+    if shared is not None:
+        sp = [shared.gate_proj, shared.up_proj, shared.down_proj]
+        ok = ok and all(type(p) is nn.QuantizedLinear and "bias" not in p for p in sp)
+        ok = ok and all((p.bits, p.group_size, p.mode) == (bits, gs, "affine") for p in sp)
+        ok = ok and shared.gate_proj.scales.shape[0] % hid == 0
+    return ok
+
+
+def fused_quantized_experts(
+    x: mx.array,
+    indices: mx.array,
+    weights: mx.array,
+    experts,
+    shared=None,
+    shared_weight: mx.array | None = None,
+    residual: mx.array | None = None,
+) -> mx.array:
+    """``fused_experts`` for affine-quantized experts (same arguments and result).
+    Twin: ``SwitchGLU`` over ``QuantizedSwitchLinear`` (``gather_qmm``) + ``SwiGLU``."""
+    g, u, dn = experts.gate_proj, experts.up_proj, experts.down_proj
+    hid, D = g.scales.shape[1], x.shape[-1]
+    lead, k = x.shape[:-1], indices.shape[-1]
+    N = x.size // D
+    if shared is not None:
+        S = shared.gate_proj.scales.shape[0] // hid
+        sparts = [shared.gate_proj, shared.up_proj, shared.down_proj]
+    else:
+        S = 0
+        sparts = [g, u, dn]  # not read
+    sw = constant(*([1.0] * N)) if shared_weight is None else shared_weight.reshape(N)
+    sw = sw.astype(mx.float32)
+    idx = indices.reshape(N, k).astype(mx.int32)
+    xs = x.reshape(N, D)
+    tmpl = [("BITS", g.bits), ("GS", g.group_size), ("D", D), ("I", hid), ("K", k), ("S", S)]
+    rows = (k + S) * hid
+
+    def parts(m):
+        return [m.weight, m.scales, m["biases"]]
+
+    up_names = ["x", "idx", "wts", "sw", "wg", "wgs", "wgb", "wu", "wus", "wub"]
+    up_names += ["sg", "sgs", "sgb", "su", "sus", "sub"]
+    (h,) = cuda_kernel("experts_up_q", up_names, ["h"], _UP_Q, header=_QDOT)(
+        inputs=[xs, idx, weights.reshape(N, k).astype(mx.float32), sw]
+        + parts(g)
+        + parts(u)
+        + parts(sparts[0])
+        + parts(sparts[1]),
+        template=tmpl,
+        grid=(-(-rows // 8) * 256, 1, N),
+        threadgroup=(256, 1, 1),
+        output_shapes=[(N, k + S, hid)],
+        output_dtypes=[mx.float32],
+    )
+    res = xs if residual is None else residual.reshape(N, D).astype(x.dtype)
+    down_names = ["h", "idx", "wd", "wds", "wdb", "sd", "sds", "sdb", "res"]
+    (y,) = cuda_kernel(
+        "experts_down_q", down_names, ["y"], _DOWN_Q, (k + S) * hid * 4, header=_QDOT
+    )(
+        inputs=[h, idx] + parts(dn) + parts(sparts[2]) + [res],
+        template=[("OT", x.dtype), *tmpl, ("HAS_RES", residual is not None)],
+        grid=(-(-D // 8) * 256, 1, N),
+        threadgroup=(256, 1, 1),
+        output_shapes=[(N, D)],
+        output_dtypes=[x.dtype],
+    )
+    return y.reshape(*lead, D)
+
+
+def fused_experts_for(x: mx.array, experts, shared):
+    """The fused experts function that runs here for these experts (float or affine-quantized),
+    or None (then the MLX path)."""
+    if experts_supported(x, experts, shared):
+        return fused_experts
+    if quantized_experts_supported(x, experts, shared):
+        return fused_quantized_experts
+    return None
