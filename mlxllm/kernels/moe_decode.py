@@ -408,7 +408,7 @@ def quantized_experts_supported(x: mx.array, experts, shared) -> bool:
 
     from mlxllm.layers.moe import QuantizedSwitchLinear
 
-    if not cuda_available() or x.size // x.shape[-1] > MAX_TOKENS or x.dtype not in FLOATS:
+    if not cuda_available() or not decode_tokens(x) or x.dtype not in FLOATS:
         return False
     projs = [experts.gate_proj, experts.up_proj, experts.down_proj]
     if any(type(p) is not QuantizedSwitchLinear or "bias" in p for p in projs):
