@@ -9,7 +9,38 @@ import mlx.core as mx
 
 FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 
-_HEADER = "#define NEG_INF (__int_as_float(0xff800000))\n"
+_HEADER = r"""
+#define NEG_INF (__int_as_float(0xff800000))
+
+// sum_i w[i] * xs[i] over n elements, 16-byte loads of w (n % (16 / sizeof(WT)) == 0), one
+// warp; the result is reduced over the warp (every lane holds it)
+template <typename WT>
+__device__ __forceinline__ float warp_dot(const WT* w, const float* xs, int n, int lane) {
+    constexpr int V = 16 / sizeof(WT);
+    float acc = 0.f;
+    for (int c = lane; c < n / V; c += 32) {
+        const uint4 wv = reinterpret_cast<const uint4*>(w)[c];
+        const WT* wp = reinterpret_cast<const WT*>(&wv);
+#pragma unroll
+        for (int v = 0; v < V; ++v) acc += xs[c * V + v] * static_cast<float>(wp[v]);
+    }
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
+    return acc;
+}
+
+// RoPE of pair i of DR features (interleaved when TRAD, else halves) at position pos, inputs
+// times scale (YaRN's attention factor)
+template <bool TRAD, int DR, typename TI, typename TO>
+__device__ __forceinline__ void rope_pair(
+    const TI* x, TO* out, int i, float pos, const float* inv_freq, float scale) {
+    const int i1 = TRAD ? 2 * i : i, i2 = TRAD ? 2 * i + 1 : i + DR / 2;
+    const float x1 = static_cast<float>(x[i1]) * scale, x2 = static_cast<float>(x[i2]) * scale;
+    float s, c;
+    sincosf(pos * inv_freq[i], &s, &c);
+    out[i1] = static_cast<TO>(x1 * c - x2 * s);
+    out[i2] = static_cast<TO>(x1 * s + x2 * c);
+}
+"""
 _kernels: dict = {}
 
 

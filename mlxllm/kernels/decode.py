@@ -44,7 +44,6 @@ _ADD_NORM = r"""
 
 _GEMV2 = r"""
     // one warp per output row over [w1; w2], 8 warps per block; token n = blockIdx.z
-    constexpr int V = 16 / sizeof(WT);
     const int n = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __shared__ __align__(16) float xs[D];
@@ -53,14 +52,7 @@ _GEMV2 = r"""
     const int row = blockIdx.x * 8 + warp;
     if (row >= O1 + O2) return;
     const WT* w = row < O1 ? w1 + (long long)row * D : w2 + (long long)(row - O1) * D;
-    float acc = 0.f;
-    for (int c = lane; c < D / V; c += 32) {
-        const uint4 wv = reinterpret_cast<const uint4*>(w)[c];
-        const WT* wp = reinterpret_cast<const WT*>(&wv);
-#pragma unroll
-        for (int v = 0; v < V; ++v) acc += xs[c * V + v] * static_cast<float>(wp[v]);
-    }
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
+    const float acc = warp_dot(w, xs, D, lane);
     if (lane == 0) {
         if (row < O1) y1[(long long)n * O1 + row] = static_cast<OT>(acc);
         else y2[(long long)n * O2 + row - O1] = static_cast<OT>(acc);

@@ -47,13 +47,7 @@ _LATENT = r"""
     }
     const float p = static_cast<float>(pos[0]);
     for (int i = tid; i < DR / 2; i += 256) {
-        const int i1 = TRAD ? 2 * i : i, i2 = TRAD ? 2 * i + 1 : i + DR / 2;
-        const float x1 = static_cast<float>(x[base + R + i1]) * rscale;
-        const float x2 = static_cast<float>(x[base + R + i2]) * rscale;
-        float s, c;
-        sincosf(p * inv_freq[i], &s, &c);
-        row[base + R + i1] = static_cast<T>(x1 * c - x2 * s);
-        row[base + R + i2] = static_cast<T>(x1 * s + x2 * c);
+        rope_pair<TRAD, DR>(x + base + R, row + base + R, i, p, inv_freq, rscale);
     }
 """
 
@@ -78,20 +72,13 @@ _QUERY = r"""
         const float p = static_cast<float>(pos[0]);
         const float rscale = params[1];
         for (int i = tid; i < DR / 2; i += 128) {
-            const int i1 = TRAD ? 2 * i : i, i2 = TRAD ? 2 * i + 1 : i + DR / 2;
-            const float x1 = static_cast<float>(q[qb + NOPE + i1]) * rscale;
-            const float x2 = static_cast<float>(q[qb + NOPE + i2]) * rscale;
-            float s, c2;
-            sincosf(p * inv_freq[i], &s, &c2);
-            out[ob + R + i1] = static_cast<T>(x1 * c2 - x2 * s);
-            out[ob + R + i2] = static_cast<T>(x1 * s + x2 * c2);
+            rope_pair<TRAD, DR>(q + qb + NOPE, out + ob + R, i, p, inv_freq, rscale);
         }
     }
 """
 
 _VALUE = r"""
     // one warp per (head, output feature), 8 warps per block, all of one head (V % 8 == 0)
-    constexpr int VEC = 16 / sizeof(T);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int b = blockIdx.y;
     const int row = blockIdx.x * 8 + warp;  // h * V + j
@@ -100,15 +87,7 @@ _VALUE = r"""
     const long long ob = ((long long)b * H + h) * (R + DR);
     for (int i = threadIdx.x; i < R; i += 256) os[i] = static_cast<float>(o[ob + i]);
     __syncthreads();
-    const T* wr = w_uv + (long long)row * R;
-    float a = 0.f;
-    for (int c = lane; c < R / VEC; c += 32) {
-        const uint4 wv = reinterpret_cast<const uint4*>(wr)[c];
-        const T* wp = reinterpret_cast<const T*>(&wv);
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) a += os[c * VEC + v] * static_cast<float>(wp[v]);
-    }
-    for (int s = 16; s > 0; s >>= 1) a += __shfl_xor_sync(0xffffffff, a, s);
+    const float a = warp_dot(w_uv + (long long)row * R, os, R, lane);
     if (lane == 0) out[(long long)b * H * V + row] = static_cast<T>(a);
 """
 
@@ -345,7 +324,6 @@ _FLASH_PARTIAL = r"""
 
 _FLASH_COMBINE = r"""
     // one block of 256 threads per (batch, head): merge the splits, then W_UV (V outputs)
-    constexpr int VEC = 16 / sizeof(T);
     const int bh = blockIdx.x;
     const int b = bh / H, h = bh - b * H;
     const int nsplit = ml_shape[1];
@@ -396,15 +374,7 @@ _FLASH_COMBINE = r"""
     }
     __syncthreads();
     for (int j = warp; j < V; j += 8) {
-        const T* wr = w_uv + ((long long)h * V + j) * R;
-        float a = 0.f;
-        for (int c = lane; c < R / VEC; c += 32) {
-            const uint4 wv = reinterpret_cast<const uint4*>(wr)[c];
-            const T* wp = reinterpret_cast<const T*>(&wv);
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) a += os[c * VEC + e] * static_cast<float>(wp[e]);
-        }
-        for (int s = 16; s > 0; s >>= 1) a += __shfl_xor_sync(0xffffffff, a, s);
+        const float a = warp_dot(w_uv + ((long long)h * V + j) * R, os, R, lane);
         if (lane == 0) out[((long long)b * H + h) * V + j] = static_cast<T>(a);
     }
 """

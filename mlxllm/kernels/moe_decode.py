@@ -81,7 +81,6 @@ _ROUTE = r"""
 
 _UP = r"""
     // one warp per (slot, row); 8 warps per block
-    constexpr int V = 16 / sizeof(WT);
     const int n = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __shared__ __align__(16) float xs[D];
@@ -101,23 +100,7 @@ _UP = r"""
         g = sg + r * D;
         u = su + r * D;
     }
-    float ag = 0.f, au = 0.f;
-    for (int c = lane; c < D / V; c += 32) {
-        const uint4 gv = reinterpret_cast<const uint4*>(g)[c];
-        const uint4 uv = reinterpret_cast<const uint4*>(u)[c];
-        const WT* gp = reinterpret_cast<const WT*>(&gv);
-        const WT* up = reinterpret_cast<const WT*>(&uv);
-#pragma unroll
-        for (int v = 0; v < V; ++v) {
-            const float xv = xs[c * V + v];
-            ag += xv * static_cast<float>(gp[v]);
-            au += xv * static_cast<float>(up[v]);
-        }
-    }
-    for (int o = 16; o > 0; o >>= 1) {
-        ag += __shfl_xor_sync(0xffffffff, ag, o);
-        au += __shfl_xor_sync(0xffffffff, au, o);
-    }
+    const float ag = warp_dot(g, xs, D, lane), au = warp_dot(u, xs, D, lane);
     if (lane == 0) {
         const float act = ag / (1.f + expf(-ag));
         const float w = slot < K ? wts[(long long)n * K + slot] : sw[n];
@@ -127,7 +110,6 @@ _UP = r"""
 
 _DOWN = r"""
     // one warp per output feature; 8 warps per block; the token's activations in shared memory
-    constexpr int V = 16 / sizeof(WT);
     const int n = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -142,15 +124,8 @@ _DOWN = r"""
         const WT* w = slot < K
             ? wd + ((long long)idx[(long long)n * K + slot] * D + d) * I
             : sd + (long long)d * (S * I) + (long long)(slot - K) * I;
-        const float* hv = hs + slot * I;
-        for (int c = lane; c < I / V; c += 32) {
-            const uint4 wv = reinterpret_cast<const uint4*>(w)[c];
-            const WT* wp = reinterpret_cast<const WT*>(&wv);
-#pragma unroll
-            for (int v = 0; v < V; ++v) acc += hv[c * V + v] * static_cast<float>(wp[v]);
-        }
+        acc += warp_dot(w, hs + slot * I, I, lane);
     }
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
     if (lane == 0) {
         const long long o = (long long)n * D + d;
         // as the separate ops round: the MoE output in OT, then the residual add
