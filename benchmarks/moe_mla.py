@@ -188,9 +188,20 @@ def _kernel_profile(tool: str, model, caches, mx, steps: int = 4) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         _own_loop(tool, model, caches, steps, mx)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy_us = sum(getattr(e, "device_time", None) or e.cuda_time for e in kernels)
     n = steps + 1  # the loop also runs the step that yields the first token
-    return {"kernels_per_token": len(kernels) / n, "gpu_busy_ms": busy_us / n / 1e3}
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        t = by_name.setdefault(e.name, [0.0, 0])
+        t[0] += getattr(e, "device_time", None) or e.cuda_time
+        t[1] += 1
+    busy_us = sum(t[0] for t in by_name.values())
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:12]
+    return {
+        "kernels_per_token": len(kernels) / n,
+        "gpu_busy_ms": busy_us / n / 1e3,
+        # where the GPU time goes: (kernel, us per token, launches per token)
+        "top_kernels": [(k[:90], round(t / n, 1), round(c / n, 1)) for k, (t, c) in top],
+    }
 
 
 def worker(
@@ -337,6 +348,10 @@ def main(argv=None):
                 f"| {r['config']} | {r['context']} | {a['kernels_per_token']:.0f} | "
                 f"{b['kernels_per_token']:.0f} | {a['gpu_busy_ms']:.2f} | {b['gpu_busy_ms']:.2f} |"
             )
+        for r in counted:
+            for tool in ("mlxllm", "mlx-lm"):
+                lines += ["", f"{tool}, {r['config']} at {r['context']}: us/token, launches/token"]
+                lines += [f"  {us:8.1f} {c:6.1f}  {k}" for k, us, c in r[tool]["top_kernels"]]
     print("\n".join(lines))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))

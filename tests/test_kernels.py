@@ -191,10 +191,12 @@ def test_model_decode_with_kernels_equals_twins(family, monkeypatch):
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("heads", [4, 16])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("traditional", [True, False])
-def test_mla_decode_kernels_equal_twins(dtype, traditional, monkeypatch):
-    """One MLA layer decoding with the kernels vs the generic absorbed path (YaRN scale != 1)."""
+def test_mla_decode_kernels_equal_twins(dtype, traditional, heads, monkeypatch):
+    """One MLA layer decoding with the kernels vs the generic absorbed path (YaRN scale != 1);
+    16 heads in bfloat16 take the tensor-core attention kernels."""
     from mlxllm.kernels import mla_decode
     from mlxllm.layers.mla import MLA
     from mlxllm.layers.rope import RoPE
@@ -209,7 +211,7 @@ def test_mla_decode_kernels_equal_twins(dtype, traditional, monkeypatch):
     rope = RoPE(16, 10000.0, yarn, traditional=traditional)
     assert rope.scale != 1.0
     mx.random.seed(1)
-    layer = MLA(256, 4, 64, 32, 16, 32, rope, q_lora_rank=48, softmax_scale=0.11)
+    layer = MLA(256, heads, 64, 32, 16, 32, rope, q_lora_rank=48, softmax_scale=0.11)
     layer.update(nn.utils.tree_map(lambda a: mx.random.normal(a.shape) * 0.1, layer.parameters()))
     layer.set_dtype(dtype)
     x = _rand((1, 40, 256), dtype, 1.0, seed=7)
@@ -223,7 +225,11 @@ def test_mla_decode_kernels_equal_twins(dtype, traditional, monkeypatch):
         )
 
     assert mla_decode.supported(x[:, :1], *layer._kv_b_weights(), 16)
+    calls = []
+    flash = mla_decode.latent_attention
+    monkeypatch.setattr(mla_decode, "latent_attention", lambda *a: calls.append(1) or flash(*a))
     got, got_cache = run()
+    assert bool(calls) == (heads == 16 and dtype == mx.bfloat16)
     monkeypatch.setattr(mla_decode, "supported", lambda *a: False)
     want, want_cache = run()
     tol = 1e-4 if dtype == mx.float32 else 3e-2
@@ -284,25 +290,29 @@ def test_fused_experts_residual():
     )
 
 
+@pytest.mark.parametrize("dt", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("B", [1, 2])
 @pytest.mark.parametrize("S", [1, 63, 64, 65, 1000, 8193])
-def test_latent_attention_equals_sdpa(B, S):
-    """Tensor-core latent attention + W_UV vs MLX's SDPA + ``value_out``, reading a prefix view
-    of a longer cache buffer (as ``LatentCache.joint`` is)."""
+def test_latent_attention_equals_sdpa(B, S, dt):
+    """Tensor-core latent attention + W_UV vs plain float32 attention and W_UV on the CPU,
+    reading a prefix view of a longer cache buffer (as ``LatentCache.joint`` is)."""
     from mlxllm.kernels import mla_decode
 
     H, r, dr, v = 16, 512, 64, 128
-    dt = mx.bfloat16
     q = _rand((B, H, 1, r + dr), dt, 1.0, seed=14)
     buffer = _rand((B, 1, S + 300, r + dr), dt, 1.0, seed=15)
     kv = buffer[:, :, :S]
     w_uv = _rand((H, v, r), dt, 0.05, seed=16)
     assert mla_decode.flash_supported(q, kv, w_uv)
     got = mla_decode.latent_attention(q, kv, 0.07, w_uv)
-    o = mx.fast.scaled_dot_product_attention(q, kv, kv, scale=0.07)
-    want = mla_decode.value_out(o, w_uv)
+    with mx.stream(mx.cpu):
+        q32, kv32 = q.astype(mx.float32), kv.astype(mx.float32)
+        p = mx.softmax((q32 @ kv32.swapaxes(-1, -2)) * 0.07, axis=-1)  # [B, H, 1, S]
+        o = p @ kv32[..., :r]  # [B, H, 1, r]
+        want = (o @ w_uv.astype(mx.float32).swapaxes(-1, -2)).transpose(0, 2, 1, 3)
+        want = want.reshape(B, 1, H * v)
     np.testing.assert_allclose(
-        np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)), rtol=3e-2, atol=3e-2
+        np.array(got.astype(mx.float32)), np.array(want), rtol=3e-2, atol=3e-2
     )
 
 

@@ -190,32 +190,59 @@ def value_out(o: mx.array, w_uv: mx.array) -> mx.array:
 
 # ---- latent flash-decoding on tensor cores (WIP: written without a GPU, untested) ----------
 
-_FLASH_HEADER = "#include <mma.h>\n"
+_FLASH_HEADER = r"""
+// D += A B on tensor cores: mma.sync m16n8k16, 16-bit A (16x16, row) and B (16x8, col) in
+// 32-bit registers, float accumulators (raw PTX: NVRTC here has no mma.h)
+__device__ __forceinline__ void mma16816(float* d, const unsigned* a, const unsigned* b,
+                                         __nv_bfloat16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void mma16816(float* d, const unsigned* a, const unsigned* b, __half) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+// the A fragment of a row-major 16x16 tile (ld in elements) for this lane
+template <typename T>
+__device__ __forceinline__ void load_a(unsigned* a, const T* p, int ld, int lane) {
+    const int g = lane >> 2, c = (lane & 3) * 2;
+    a[0] = *reinterpret_cast<const unsigned*>(p + g * ld + c);
+    a[1] = *reinterpret_cast<const unsigned*>(p + (g + 8) * ld + c);
+    a[2] = *reinterpret_cast<const unsigned*>(p + g * ld + c + 8);
+    a[3] = *reinterpret_cast<const unsigned*>(p + (g + 8) * ld + c + 8);
+}
+"""
 
 _FLASH_PARTIAL = r"""
-    // block (split, group of 16 heads, batch); 8 warps. Tiles of TK cached rows in shared
-    // memory; S = Q K^T and O = P V on tensor cores (wmma 16x16x16, float accumulators);
-    // online softmax in float32; per-split partials (acc, m, l) out.
-    using namespace nvcuda;
+    // block (split, group of 16 heads, batch); 8 warps. Tiles of TK = 64 cached rows in shared
+    // memory; S = Q K^T and O = P V on tensor cores (mma m16n8k16, float accumulators); online
+    // softmax in float32; per-split partials (acc, m, l) out.
     constexpr int W = R + DR;
     constexpr int TK = 64;
-    constexpr int LD = W + 8;     // bf16 row stride of Q / K tiles (16-row offsets 32B-aligned)
+    constexpr int LD = W + 8;     // 16-bit row stride of Q / K tiles (4-bank skew per row)
     constexpr int LDS = TK + 4;   // float scores
-    constexpr int LDP = TK + 8;   // bf16 probabilities
-    constexpr int LDO = R + 4;    // float tile output
-    constexpr int NA = R / 32;
+    constexpr int LDP = TK + 8;   // 16-bit probabilities
     constexpr int KSTEPS = W / 16;
+    constexpr int NB = R / 64;    // 8-feature output blocks per warp (R / 8 blocks / 8 warps)
     const int b = blockIdx.z, hg = blockIdx.y, split = blockIdx.x, nsplit = gridDim.x;
-    const int tid = threadIdx.x, warp = tid >> 5;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, c2 = (lane & 3) * 2;
     const int S = kv_shape[2];
     const long long kvb = (long long)b * kv_strides[0];
     const long long kvs = kv_strides[2];
-    extern __shared__ __align__(128) unsigned char smem_raw[];
+    extern __shared__ __align__(16) unsigned char smem_raw[];
     T* Qs = reinterpret_cast<T*>(smem_raw);                   // [16][LD]
     T* Ks = Qs + 16 * LD;                                     // [TK][LD]
-    float* Sf = reinterpret_cast<float*>(Ks + TK * LD);       // [2][16][LDS]
-    T* Pb = reinterpret_cast<T*>(Sf + 2 * 16 * LDS);          // [16][LDP]
-    float* Ot = reinterpret_cast<float*>(Pb + 16 * LDP);      // [16][LDO]
+    float* Sf = reinterpret_cast<float*>(Ks + TK * LD);       // [16][LDS]
+    T* Pb = reinterpret_cast<T*>(Sf + 16 * LDS);              // [16][LDP]
+    float* corr_s = reinterpret_cast<float*>(Pb + 16 * LDP);  // [16]
+    const unsigned short* Ku = reinterpret_cast<const unsigned short*>(Ks);
 
     const float sc = scale[0];
     for (int i = tid; i < 16 * (W / 8); i += 256) {
@@ -228,11 +255,11 @@ _FLASH_PARTIAL = r"""
     const int per = (n_tiles + nsplit - 1) / nsplit;
     const int t_begin = split * per;
     const int t_end = min(t_begin + per, n_tiles);
-    const int oh = tid >> 4;           // this thread's head for softmax and accumulators
-    const int q4 = (tid & 15) * 4;     // its 4 keys of a tile in the softmax
-    float acc[2 * NA];
+    const int sh = tid >> 4;           // softmax: this thread's head
+    const int q4 = (tid & 15) * 4;     // and its 4 keys of a tile
+    float acc[NB][4];
 #pragma unroll
-    for (int i = 0; i < 2 * NA; ++i) acc[i] = 0.f;
+    for (int j = 0; j < NB; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
     float m_run = NEG_INF, l_run = 0.f;
 
     for (int t = t_begin; t < t_end; ++t) {
@@ -245,80 +272,88 @@ _FLASH_PARTIAL = r"""
             reinterpret_cast<uint4*>(Ks + j * LD)[c] = v;
         }
         __syncthreads();
-        {   // scores: warp -> 16 keys (warp & 3) x half of the feature steps (warp >> 2)
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> s_acc;
-            wmma::fill_fragment(s_acc, 0.f);
-            const int kh = warp >> 2, nf = warp & 3;
-            const int k0 = kh * (KSTEPS / 2), k1 = kh ? KSTEPS : KSTEPS / 2;
-            for (int ks = k0; ks < k1; ++ks) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kb;
-                wmma::load_matrix_sync(a, Qs + ks * 16, LD);
-                wmma::load_matrix_sync(kb, Ks + nf * 16 * LD + ks * 16, LD);
-                wmma::mma_sync(s_acc, a, kb, s_acc);
+        {   // scores of the 8 keys of this warp, all W features (two chains for ILP)
+            float s0[4] = {0.f, 0.f, 0.f, 0.f}, s1[4] = {0.f, 0.f, 0.f, 0.f};
+            const T* kr = Ks + (warp * 8 + g) * LD + c2;
+#pragma unroll 4
+            for (int ks = 0; ks < KSTEPS; ++ks) {
+                unsigned a[4], bb[2];
+                load_a(a, Qs + ks * 16, LD, lane);
+                bb[0] = *reinterpret_cast<const unsigned*>(kr + ks * 16);
+                bb[1] = *reinterpret_cast<const unsigned*>(kr + ks * 16 + 8);
+                mma16816(ks & 1 ? s1 : s0, a, bb, T{});
             }
-            wmma::store_matrix_sync(Sf + kh * 16 * LDS + nf * 16, s_acc, LDS, wmma::mem_row_major);
+            const int col = warp * 8 + c2;
+            Sf[g * LDS + col] = s0[0] + s1[0];
+            Sf[g * LDS + col + 1] = s0[1] + s1[1];
+            Sf[(g + 8) * LDS + col] = s0[2] + s1[2];
+            Sf[(g + 8) * LDS + col + 1] = s0[3] + s1[3];
         }
         __syncthreads();
-        float corr;
-        {   // online softmax for head oh over this tile (16 threads per head, 4 keys each)
+        {   // online softmax for head sh over this tile (16 threads per head, 4 keys each)
             float s[4];
             float mt = NEG_INF;
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
                 const int j = q4 + u;
-                float v = (Sf[oh * LDS + j] + Sf[16 * LDS + oh * LDS + j]) * sc;
+                float v = Sf[sh * LDS + j] * sc;
                 if (base + j >= S) v = NEG_INF;
                 s[u] = v;
                 mt = fmaxf(mt, v);
             }
             for (int o = 8; o > 0; o >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffff, mt, o));
             const float m_new = fmaxf(m_run, mt);
-            corr = m_run == NEG_INF ? 0.f : expf(m_run - m_new);
+            const float corr = m_run == NEG_INF ? 0.f : expf(m_run - m_new);
             float ls = 0.f;
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
                 const float p = s[u] == NEG_INF ? 0.f : expf(s[u] - m_new);
                 ls += p;
-                Pb[oh * LDP + q4 + u] = static_cast<T>(p);
+                Pb[sh * LDP + q4 + u] = static_cast<T>(p);
             }
             for (int o = 8; o > 0; o >>= 1) ls += __shfl_xor_sync(0xffffffff, ls, o);
             l_run = l_run * corr + ls;
             m_run = m_new;
+            if ((tid & 15) == 0) corr_s[sh] = corr;
         }
         __syncthreads();
-        for (int f = warp; f < R / 16; f += 8) {  // O_tile = P V (V: the first R features)
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> o_acc;
-            wmma::fill_fragment(o_acc, 0.f);
+        {   // O = O * corr + P V for this warp's R / 8 features (V: the first R features)
+            const float cg = corr_s[g], cg8 = corr_s[g + 8];
+            unsigned pa[TK / 16][4];
 #pragma unroll
-            for (int ks = 0; ks < TK / 16; ++ks) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vb;
-                wmma::load_matrix_sync(a, Pb + ks * 16, LDP);
-                wmma::load_matrix_sync(vb, Ks + ks * 16 * LD + f * 16, LD);
-                wmma::mma_sync(o_acc, a, vb, o_acc);
+            for (int ks = 0; ks < TK / 16; ++ks) load_a(pa[ks], Pb + ks * 16, LDP, lane);
+#pragma unroll
+            for (int j = 0; j < NB; ++j) {
+                acc[j][0] *= cg;
+                acc[j][1] *= cg;
+                acc[j][2] *= cg8;
+                acc[j][3] *= cg8;
+                const int f = warp * (R / 8) + j * 8 + g;
+#pragma unroll
+                for (int ks = 0; ks < TK / 16; ++ks) {
+                    const int k0 = ks * 16 + c2;
+                    unsigned bb[2];
+                    bb[0] = (unsigned)Ku[k0 * LD + f] | ((unsigned)Ku[(k0 + 1) * LD + f] << 16);
+                    bb[1] = (unsigned)Ku[(k0 + 8) * LD + f] |
+                            ((unsigned)Ku[(k0 + 9) * LD + f] << 16);
+                    mma16816(acc[j], pa[ks], bb, T{});
+                }
             }
-            wmma::store_matrix_sync(Ot + f * 16, o_acc, LDO, wmma::mem_row_major);
-        }
-        __syncthreads();
-#pragma unroll
-        for (int i = 0; i < NA; ++i) {
-            const int d = (tid & 15) * 2 + 32 * i;
-            acc[2 * i] = acc[2 * i] * corr + Ot[oh * LDO + d];
-            acc[2 * i + 1] = acc[2 * i + 1] * corr + Ot[oh * LDO + d + 1];
         }
     }
 
-    const long long row = ((long long)b * nsplit + split) * H + hg * 16 + oh;
+    const long long row0 = ((long long)b * nsplit + split) * H + hg * 16;
 #pragma unroll
-    for (int i = 0; i < NA; ++i) {
-        const int d = (tid & 15) * 2 + 32 * i;
-        o_part[row * R + d] = acc[2 * i];
-        o_part[row * R + d + 1] = acc[2 * i + 1];
+    for (int j = 0; j < NB; ++j) {
+        const int d = warp * (R / 8) + j * 8 + c2;
+        o_part[(row0 + g) * R + d] = acc[j][0];
+        o_part[(row0 + g) * R + d + 1] = acc[j][1];
+        o_part[(row0 + g + 8) * R + d] = acc[j][2];
+        o_part[(row0 + g + 8) * R + d + 1] = acc[j][3];
     }
     if ((tid & 15) == 0) {
-        ml[row * 2] = m_run;
-        ml[row * 2 + 1] = l_run;
+        ml[(row0 + sh) * 2] = m_run;
+        ml[(row0 + sh) * 2 + 1] = l_run;
     }
 """
 
@@ -383,7 +418,8 @@ _TK = 64
 
 
 def flash_supported(q: mx.array, kv: mx.array, w_uv: mx.array) -> bool:
-    """Tensor-core latent attention: 16-bit floats, heads in groups of 16, 16-wide features."""
+    """Tensor-core latent attention: 16-bit floats, heads in groups of 16, 16-wide features,
+    a latent of 64-wide blocks (one eighth per warp)."""
     H, v, r = w_uv.shape
     W = kv.shape[-1]
     return (
@@ -392,13 +428,13 @@ def flash_supported(q: mx.array, kv: mx.array, w_uv: mx.array) -> bool:
         and kv.dtype == q.dtype == w_uv.dtype
         and H % 16 == 0
         and W % 16 == 0
-        and r % 32 == 0
+        and r % 64 == 0
     )
 
 
-def _flash_smem(W: int, r: int) -> int:
-    LD, LDS, LDP, LDO = W + 8, _TK + 4, _TK + 8, r + 4
-    return 16 * LD * 2 + _TK * LD * 2 + 2 * 16 * LDS * 4 + 16 * LDP * 2 + 16 * LDO * 4
+def _flash_smem(W: int) -> int:
+    LD, LDS, LDP = W + 8, _TK + 4, _TK + 8
+    return 16 * LD * 2 + _TK * LD * 2 + 16 * LDS * 4 + 16 * LDP * 2 + 16 * 4
 
 
 def latent_attention(q: mx.array, kv: mx.array, scale: float, w_uv: mx.array) -> mx.array:
@@ -411,8 +447,10 @@ def latent_attention(q: mx.array, kv: mx.array, scale: float, w_uv: mx.array) ->
     _, v, r = w_uv.shape
     S = kv.shape[2]
     groups = H // 16
-    ns = max(1, min(-(-S // _TK), 132 // groups, 256))
-    smem = _flash_smem(W, r)
+    # splits of the cached rows: two blocks per SM of an H100/H200 (132 SMs; ~98 KB of shared
+    # memory each), at most 256 (the combine kernel's block), at least one tile each
+    ns = max(1, min(-(-S // _TK), 264 // groups, 256))
+    smem = _flash_smem(W)
     o_part, ml = cuda_kernel(
         "mla_flash_partial",
         ["q", "kv", "scale"],
@@ -422,7 +460,7 @@ def latent_attention(q: mx.array, kv: mx.array, scale: float, w_uv: mx.array) ->
         contiguous=False,
         header=_FLASH_HEADER,
     )(
-        inputs=[q, kv, mx.array([scale], mx.float32)],
+        inputs=[q, kv, constant(scale)],
         template=[("T", q.dtype), ("H", H), ("R", r), ("DR", W - r)],
         grid=(ns * 256, groups, B),
         threadgroup=(256, 1, 1),
