@@ -18,17 +18,24 @@ import mlx.nn as nn
 from mlxllm.kernels import FLOATS, constant, cuda_kernel, decode_tokens, on_cuda
 
 _ADD_NORM = r"""
-    // one block of 256 threads per token row
+    // one block of 256 threads per token row; each thread keeps its D / 256 sums in registers
+    constexpr int PER = (D + 255) / 256;
     const long long base = (long long)blockIdx.x * D;
     const int tid = threadIdx.x;
     __shared__ float red[8];
+    float hv[PER];
     float ss = 0.f;
-    for (int i = tid; i < D; i += 256) {
-        const float sum = static_cast<float>(x[base + i]) + static_cast<float>(a[base + i]);
-        const T hv = static_cast<T>(sum);
-        h[base + i] = hv;
-        const float f = static_cast<float>(hv);
-        ss += f * f;
+#pragma unroll
+    for (int k = 0; k < PER; ++k) {
+        const int i = tid + k * 256;
+        hv[k] = 0.f;
+        if (i < D) {
+            const T sum = static_cast<T>(static_cast<float>(x[base + i]) +
+                                         static_cast<float>(a[base + i]));
+            h[base + i] = sum;
+            hv[k] = static_cast<float>(sum);
+            ss += hv[k] * hv[k];
+        }
     }
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
     if ((tid & 31) == 0) red[tid >> 5] = ss;
@@ -36,9 +43,10 @@ _ADD_NORM = r"""
     float tot = 0.f;
     for (int i = 0; i < 8; ++i) tot += red[i];
     const float inv_rms = rsqrtf(tot / D + eps[0]);
-    for (int i = tid; i < D; i += 256) {
-        const float f = static_cast<float>(h[base + i]);
-        n[base + i] = static_cast<T>(f * inv_rms * static_cast<float>(w[i]));
+#pragma unroll
+    for (int k = 0; k < PER; ++k) {
+        const int i = tid + k * 256;
+        if (i < D) n[base + i] = static_cast<T>(hv[k] * inv_rms * static_cast<float>(w[i]));
     }
 """
 

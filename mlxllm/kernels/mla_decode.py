@@ -52,26 +52,43 @@ _LATENT = r"""
 """
 
 _QUERY = r"""
-    // block (head h, chunk of 128 latent features, batch b): q = q_proj output [H * (NOPE + DR)]
+    // block (head h, chunk of 64 latent features, batch b), 8 warps: warp w sums its eighth
+    // of the NOPE inputs for the chunk (lane: 2 adjacent features, 32-bit loads), then the
+    // warps' partial sums are added in shared memory
     const int h = blockIdx.x, chunk = blockIdx.y, b = blockIdx.z;
-    const int tid = threadIdx.x;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const long long qb = ((long long)b * H + h) * (NOPE + DR);
     const long long ob = ((long long)b * H + h) * (R + DR);
     __shared__ float qn[NOPE];
-    for (int i = tid; i < NOPE; i += 128) qn[i] = static_cast<float>(q[qb + i]);
+    __shared__ float2 part[8][32];
+    for (int i = tid; i < NOPE; i += 256) qn[i] = static_cast<float>(q[qb + i]);
     __syncthreads();
-    const int c = chunk * 128 + tid;
+    const int c = chunk * 64 + lane * 2;
+    float2 a = make_float2(0.f, 0.f);
     if (c < R) {
         const T* wk = w_uk + (long long)h * NOPE * R + c;
-        float a = 0.f;
-#pragma unroll 8
-        for (int n = 0; n < NOPE; ++n) a += qn[n] * static_cast<float>(wk[(long long)n * R]);
-        out[ob + c] = static_cast<T>(a);
+#pragma unroll
+        for (int n = warp * (NOPE / 8); n < (warp + 1) * (NOPE / 8); ++n) {
+            const T* p2 = wk + (long long)n * R;
+            a.x += qn[n] * static_cast<float>(p2[0]);
+            a.y += qn[n] * static_cast<float>(p2[1]);
+        }
+    }
+    part[warp][lane] = a;
+    __syncthreads();
+    if (warp == 0 && c < R) {
+        float2 t = part[0][lane];
+        for (int w = 1; w < 8; ++w) {
+            t.x += part[w][lane].x;
+            t.y += part[w][lane].y;
+        }
+        out[ob + c] = static_cast<T>(t.x);
+        out[ob + c + 1] = static_cast<T>(t.y);
     }
     if (chunk == 0) {
         const float p = static_cast<float>(pos[0]);
         const float rscale = params[1];
-        for (int i = tid; i < DR / 2; i += 128) {
+        for (int i = tid; i < DR / 2; i += 256) {
             rope_pair<TRAD, DR>(q + qb + NOPE, out + ob + R, i, p, inv_freq, rscale);
         }
     }
@@ -105,6 +122,7 @@ def supported(x: mx.array, w_uk: mx.array, w_uv: mx.array, dr: int) -> bool:
         and w_uk.dtype == x.dtype
         and w_uv.dtype == x.dtype
         and r % vec == 0
+        and w_uk.shape[1] % 8 == 0
         and v % 8 == 0
         and dr % 2 == 0
         and r <= 8192
@@ -164,8 +182,8 @@ def absorbed_query(
             ("DR", dr),
             ("TRAD", traditional),
         ],
-        grid=(H * 128, -(-r // 128), B),
-        threadgroup=(128, 1, 1),
+        grid=(H * 256, -(-r // 64), B),
+        threadgroup=(256, 1, 1),
         output_shapes=[(B, H, 1, r + dr)],
         output_dtypes=[q.dtype],
     )
@@ -208,6 +226,11 @@ __device__ __forceinline__ void mma16816(float* d, const unsigned* a, const unsi
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+// 16 bytes global -> shared without passing through registers (cp.async, sm_80+)
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    const unsigned sa = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(gmem));
+}
 // the A fragment of a row-major 16x16 tile (ld in elements) for this lane
 template <typename T>
 __device__ __forceinline__ void load_a(unsigned* a, const T* p, int ld, int lane) {
@@ -220,11 +243,12 @@ __device__ __forceinline__ void load_a(unsigned* a, const T* p, int ld, int lane
 """
 
 _FLASH_PARTIAL = r"""
-    // block (split, group of 16 heads, batch); 8 warps. Tiles of TK = 64 cached rows in shared
-    // memory; S = Q K^T and O = P V on tensor cores (mma m16n8k16, float accumulators); online
-    // softmax in float32; per-split partials (acc, m, l) out.
+    // block (split, group of 16 heads, batch); 8 warps. Tiles of TK = 32 cached rows, two
+    // stages in shared memory filled by cp.async (the next tile loads while this one is
+    // computed); S = Q K^T and O = P V on tensor cores (mma m16n8k16, float accumulators);
+    // online softmax in float32; per-split partials (acc, m, l) out.
     constexpr int W = R + DR;
-    constexpr int TK = 64;
+    constexpr int TK = 32;
     constexpr int LD = W + 8;     // 16-bit row stride of Q / K tiles (4-bank skew per row)
     constexpr int LDS = TK + 4;   // float scores
     constexpr int LDP = TK + 8;   // 16-bit probabilities
@@ -238,78 +262,93 @@ _FLASH_PARTIAL = r"""
     const long long kvs = kv_strides[2];
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* Qs = reinterpret_cast<T*>(smem_raw);                   // [16][LD]
-    T* Ks = Qs + 16 * LD;                                     // [TK][LD]
-    float* Sf = reinterpret_cast<float*>(Ks + TK * LD);       // [16][LDS]
-    T* Pb = reinterpret_cast<T*>(Sf + 16 * LDS);              // [16][LDP]
+    T* Ks = Qs + 16 * LD;                                     // [2][TK][LD]
+    float* Sf = reinterpret_cast<float*>(Ks + 2 * TK * LD);   // [2][16][LDS]
+    T* Pb = reinterpret_cast<T*>(Sf + 2 * 16 * LDS);          // [16][LDP]
     float* corr_s = reinterpret_cast<float*>(Pb + 16 * LDP);  // [16]
     const unsigned short* Ku = reinterpret_cast<const unsigned short*>(Ks);
-
-    const float sc = scale[0];
-    for (int i = tid; i < 16 * (W / 8); i += 256) {
-        const int h = i / (W / 8), c = i - h * (W / 8);
-        const long long qrow = ((long long)b * H + hg * 16 + h) * W;
-        reinterpret_cast<uint4*>(Qs + h * LD)[c] = reinterpret_cast<const uint4*>(q + qrow)[c];
-    }
 
     const int n_tiles = (S + TK - 1) / TK;
     const int per = (n_tiles + nsplit - 1) / nsplit;
     const int t_begin = split * per;
     const int t_end = min(t_begin + per, n_tiles);
+
+    for (int i = tid; i < 16 * (W / 8); i += 256) {
+        const int h = i / (W / 8), c = i - h * (W / 8);
+        const long long qrow = ((long long)b * H + hg * 16 + h) * W;
+        cp_async16(Qs + h * LD + c * 8, q + qrow + c * 8);
+    }
+    auto load_tile = [&](int t, int stage) {
+        const int base = t * TK;
+        T* dst = Ks + stage * TK * LD;
+        for (int i = tid; i < TK * (W / 8); i += 256) {
+            const int j = i / (W / 8), c = i - j * (W / 8);
+            if (base + j < S) cp_async16(dst + j * LD + c * 8, kv + kvb + (base + j) * kvs + c * 8);
+            else reinterpret_cast<uint4*>(dst + j * LD)[c] = make_uint4(0u, 0u, 0u, 0u);
+        }
+    };
+    if (t_begin < t_end) load_tile(t_begin, 0);
+    asm volatile("cp.async.commit_group;\n" ::);
+
+    const float sc = scale[0];
     const int sh = tid >> 4;           // softmax: this thread's head
-    const int q4 = (tid & 15) * 4;     // and its 4 keys of a tile
+    const int q2 = (tid & 15) * 2;     // and its 2 keys of a tile
     float acc[NB][4];
 #pragma unroll
     for (int j = 0; j < NB; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
     float m_run = NEG_INF, l_run = 0.f;
 
     for (int t = t_begin; t < t_end; ++t) {
+        const int stage = (t - t_begin) & 1;
         const int base = t * TK;
-        __syncthreads();
-        for (int i = tid; i < TK * (W / 8); i += 256) {
-            const int j = i / (W / 8), c = i - j * (W / 8);
-            uint4 v = make_uint4(0u, 0u, 0u, 0u);
-            if (base + j < S) v = reinterpret_cast<const uint4*>(kv + kvb + (base + j) * kvs)[c];
-            reinterpret_cast<uint4*>(Ks + j * LD)[c] = v;
+        if (t + 1 < t_end) {
+            load_tile(t + 1, stage ^ 1);
+            asm volatile("cp.async.commit_group;\n" ::);
+            asm volatile("cp.async.wait_group 1;\n" ::);
+        } else {
+            asm volatile("cp.async.wait_group 0;\n" ::);
         }
         __syncthreads();
-        {   // scores of the 8 keys of this warp, all W features (two chains for ILP)
+        const T* Kt = Ks + stage * TK * LD;
+        {   // scores: warp -> 8 keys (warp & 3) x half of the feature steps (warp >> 2)
             float s0[4] = {0.f, 0.f, 0.f, 0.f}, s1[4] = {0.f, 0.f, 0.f, 0.f};
-            const T* kr = Ks + (warp * 8 + g) * LD + c2;
-#pragma unroll 4
-            for (int ks = 0; ks < KSTEPS; ++ks) {
+            const int kb = warp & 3, hf = warp >> 2;
+            const int k0 = hf ? KSTEPS / 2 : 0, k1 = hf ? KSTEPS : KSTEPS / 2;
+            const T* kr = Kt + (kb * 8 + g) * LD + c2;
+#pragma unroll 2
+            for (int ks = k0; ks < k1; ++ks) {
                 unsigned a[4], bb[2];
                 load_a(a, Qs + ks * 16, LD, lane);
                 bb[0] = *reinterpret_cast<const unsigned*>(kr + ks * 16);
                 bb[1] = *reinterpret_cast<const unsigned*>(kr + ks * 16 + 8);
-                mma16816(ks & 1 ? s1 : s0, a, bb, T{});
+                mma16816((ks - k0) & 1 ? s1 : s0, a, bb, T{});
             }
-            const int col = warp * 8 + c2;
-            Sf[g * LDS + col] = s0[0] + s1[0];
-            Sf[g * LDS + col + 1] = s0[1] + s1[1];
-            Sf[(g + 8) * LDS + col] = s0[2] + s1[2];
-            Sf[(g + 8) * LDS + col + 1] = s0[3] + s1[3];
+            float* sf = Sf + hf * 16 * LDS;
+            const int col = kb * 8 + c2;
+            sf[g * LDS + col] = s0[0] + s1[0];
+            sf[g * LDS + col + 1] = s0[1] + s1[1];
+            sf[(g + 8) * LDS + col] = s0[2] + s1[2];
+            sf[(g + 8) * LDS + col + 1] = s0[3] + s1[3];
         }
         __syncthreads();
-        {   // online softmax for head sh over this tile (16 threads per head, 4 keys each)
-            float s[4];
-            float mt = NEG_INF;
+        {   // online softmax for head sh over this tile (16 threads per head, 2 keys each)
+            float s[2];
 #pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                const int j = q4 + u;
-                float v = Sf[sh * LDS + j] * sc;
-                if (base + j >= S) v = NEG_INF;
-                s[u] = v;
-                mt = fmaxf(mt, v);
+            for (int u = 0; u < 2; ++u) {
+                const int j = q2 + u;
+                const float v = (Sf[sh * LDS + j] + Sf[16 * LDS + sh * LDS + j]) * sc;
+                s[u] = base + j < S ? v : NEG_INF;
             }
+            float mt = fmaxf(s[0], s[1]);
             for (int o = 8; o > 0; o >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffff, mt, o));
             const float m_new = fmaxf(m_run, mt);
             const float corr = m_run == NEG_INF ? 0.f : expf(m_run - m_new);
             float ls = 0.f;
 #pragma unroll
-            for (int u = 0; u < 4; ++u) {
+            for (int u = 0; u < 2; ++u) {
                 const float p = s[u] == NEG_INF ? 0.f : expf(s[u] - m_new);
                 ls += p;
-                Pb[sh * LDP + q4 + u] = static_cast<T>(p);
+                Pb[sh * LDP + q2 + u] = static_cast<T>(p);
             }
             for (int o = 8; o > 0; o >>= 1) ls += __shfl_xor_sync(0xffffffff, ls, o);
             l_run = l_run * corr + ls;
@@ -319,6 +358,7 @@ _FLASH_PARTIAL = r"""
         __syncthreads();
         {   // O = O * corr + P V for this warp's R / 8 features (V: the first R features)
             const float cg = corr_s[g], cg8 = corr_s[g + 8];
+            const unsigned short* Kv = Ku + stage * TK * LD;
             unsigned pa[TK / 16][4];
 #pragma unroll
             for (int ks = 0; ks < TK / 16; ++ks) load_a(pa[ks], Pb + ks * 16, LDP, lane);
@@ -333,23 +373,23 @@ _FLASH_PARTIAL = r"""
                 for (int ks = 0; ks < TK / 16; ++ks) {
                     const int k0 = ks * 16 + c2;
                     unsigned bb[2];
-                    bb[0] = (unsigned)Ku[k0 * LD + f] | ((unsigned)Ku[(k0 + 1) * LD + f] << 16);
-                    bb[1] = (unsigned)Ku[(k0 + 8) * LD + f] |
-                            ((unsigned)Ku[(k0 + 9) * LD + f] << 16);
+                    bb[0] = (unsigned)Kv[k0 * LD + f] | ((unsigned)Kv[(k0 + 1) * LD + f] << 16);
+                    bb[1] = (unsigned)Kv[(k0 + 8) * LD + f] |
+                            ((unsigned)Kv[(k0 + 9) * LD + f] << 16);
                     mma16816(acc[j], pa[ks], bb, T{});
                 }
             }
         }
+        __syncthreads();  // this stage is refilled by the next iteration's prefetch
     }
 
     const long long row0 = ((long long)b * nsplit + split) * H + hg * 16;
 #pragma unroll
     for (int j = 0; j < NB; ++j) {
         const int d = warp * (R / 8) + j * 8 + c2;
-        o_part[(row0 + g) * R + d] = acc[j][0];
-        o_part[(row0 + g) * R + d + 1] = acc[j][1];
-        o_part[(row0 + g + 8) * R + d] = acc[j][2];
-        o_part[(row0 + g + 8) * R + d + 1] = acc[j][3];
+        *reinterpret_cast<float2*>(o_part + (row0 + g) * R + d) = make_float2(acc[j][0], acc[j][1]);
+        *reinterpret_cast<float2*>(o_part + (row0 + g + 8) * R + d) =
+            make_float2(acc[j][2], acc[j][3]);
     }
     if ((tid & 15) == 0) {
         ml[(row0 + sh) * 2] = m_run;
@@ -358,14 +398,18 @@ _FLASH_PARTIAL = r"""
 """
 
 _FLASH_COMBINE = r"""
-    // one block of 256 threads per (batch, head): merge the splits, then W_UV (V outputs)
-    const int bh = blockIdx.x;
+    // block (batch * head, chunk of 16 W_UV outputs), 256 threads: merge the splits' partials
+    // (all R features: thread groups split the splits, float4 loads), then 16 outputs of W_UV
+    constexpr int Q4 = R / 4;              // float4 columns
+    constexpr int G = 256 / Q4;            // split groups
+    const int bh = blockIdx.x / (V / 16), jc = blockIdx.x - bh * (V / 16);
     const int b = bh / H, h = bh - b * H;
     const int nsplit = ml_shape[1];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     __shared__ float wsh[256];
     __shared__ float red[8];
     __shared__ float total[2];
+    __shared__ __align__(16) float4 part[G > 1 ? G : 1][Q4];
     __shared__ __align__(16) float os[R];
     float m = NEG_INF, l = 0.f;
     if (tid < nsplit) {
@@ -397,29 +441,56 @@ _FLASH_COMBINE = r"""
         total[1] = 1.f / s;
     }
     __syncthreads();
-    const float inv_l = total[1];
-    for (int d = tid; d < R; d += 256) {
-        float o = 0.f;
-        for (int s = 0; s < nsplit; ++s) {
-            const float ws = wsh[s];
-            if (ws != 0.f) o += ws * o_part[(((long long)b * nsplit + s) * H + h) * R + d];
+    {
+        const int c = tid % Q4, grp = tid / Q4;
+        float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (grp < G) {
+            const float4* src = reinterpret_cast<const float4*>(o_part) + c;
+            const long long step = (long long)H * Q4;
+            const long long r0 = ((long long)b * nsplit) * H + h;
+#pragma unroll 8
+            for (int s = grp; s < nsplit; s += G) {
+                const float ws = wsh[s];
+                const float4 x = src[(r0 + (long long)s * H) * Q4];
+                o.x += ws * x.x;
+                o.y += ws * x.y;
+                o.z += ws * x.z;
+                o.w += ws * x.w;
+            }
+            part[grp][c] = o;
         }
-        // rounded to the model dtype, as the attention output is before W_UV
-        os[d] = static_cast<float>(static_cast<T>(o * inv_l));
     }
     __syncthreads();
-    for (int j = warp; j < V; j += 8) {
+    const float inv_l = total[1];
+    for (int c = tid; c < Q4; c += 256) {
+        float4 o = part[0][c];
+        for (int grp = 1; grp < G; ++grp) {
+            const float4 x = part[grp][c];
+            o.x += x.x;
+            o.y += x.y;
+            o.z += x.z;
+            o.w += x.w;
+        }
+        // rounded to the model dtype, as the attention output is before W_UV
+        os[4 * c] = static_cast<float>(static_cast<T>(o.x * inv_l));
+        os[4 * c + 1] = static_cast<float>(static_cast<T>(o.y * inv_l));
+        os[4 * c + 2] = static_cast<float>(static_cast<T>(o.z * inv_l));
+        os[4 * c + 3] = static_cast<float>(static_cast<T>(o.w * inv_l));
+    }
+    __syncthreads();
+    for (int jj = warp; jj < 16; jj += 8) {
+        const int j = jc * 16 + jj;
         const float a = warp_dot(w_uv + ((long long)h * V + j) * R, os, R, lane);
         if (lane == 0) out[((long long)b * H + h) * V + j] = static_cast<T>(a);
     }
 """
 
-_TK = 64
+_TK = 32
 
 
 def flash_supported(q: mx.array, kv: mx.array, w_uv: mx.array) -> bool:
     """Tensor-core latent attention: 16-bit floats, heads in groups of 16, 16-wide features,
-    a latent of 64-wide blocks (one eighth per warp)."""
+    a latent of 64-wide blocks (one eighth per warp) of at most 1024 features, 16-wide values."""
     H, v, r = w_uv.shape
     W = kv.shape[-1]
     return (
@@ -429,12 +500,14 @@ def flash_supported(q: mx.array, kv: mx.array, w_uv: mx.array) -> bool:
         and H % 16 == 0
         and W % 16 == 0
         and r % 64 == 0
+        and 256 % (r // 4) == 0
+        and v % 16 == 0
     )
 
 
 def _flash_smem(W: int) -> int:
     LD, LDS, LDP = W + 8, _TK + 4, _TK + 8
-    return 16 * LD * 2 + _TK * LD * 2 + 16 * LDS * 4 + 16 * LDP * 2 + 16 * 4
+    return 16 * LD * 2 + 2 * _TK * LD * 2 + 2 * 16 * LDS * 4 + 16 * LDP * 2 + 16 * 4
 
 
 def latent_attention(q: mx.array, kv: mx.array, scale: float, w_uv: mx.array) -> mx.array:
@@ -447,9 +520,10 @@ def latent_attention(q: mx.array, kv: mx.array, scale: float, w_uv: mx.array) ->
     _, v, r = w_uv.shape
     S = kv.shape[2]
     groups = H // 16
-    # splits of the cached rows: two blocks per SM of an H100/H200 (132 SMs; ~98 KB of shared
-    # memory each), at most 256 (the combine kernel's block), at least one tile each
-    ns = max(1, min(-(-S // _TK), 264 // groups, 256))
+    # splits of the cached rows: two blocks per SM of an H100/H200 (132 SMs; ~97 KB of shared
+    # memory each), at most 256 (the combine kernel's block), at least two tiles each (the
+    # second loads while the first is computed)
+    ns = max(1, min(-(-S // (2 * _TK)), 264 // groups, 256))
     smem = _flash_smem(W)
     o_part, ml = cuda_kernel(
         "mla_flash_partial",
@@ -470,7 +544,7 @@ def latent_attention(q: mx.array, kv: mx.array, scale: float, w_uv: mx.array) ->
     (out,) = cuda_kernel("mla_flash_combine", ["o_part", "ml", "w_uv"], ["out"], _FLASH_COMBINE)(
         inputs=[o_part, ml, w_uv],
         template=[("T", q.dtype), ("H", H), ("R", r), ("V", v)],
-        grid=(B * H * 256, 1, 1),
+        grid=(B * H * (v // 16) * 256, 1, 1),
         threadgroup=(256, 1, 1),
         output_shapes=[(B, 1, H * v)],
         output_dtypes=[q.dtype],
