@@ -179,12 +179,13 @@ def test_model_decode_with_kernels_equals_twins(family, monkeypatch):
         model(mx.array([ids[:6]]), cache=cache)
         return [np.array(model(mx.array([[t]]), cache=cache)) for t in ids[6:]]
 
-    from mlxllm.kernels import decode, mla_decode
+    from mlxllm.kernels import decode
+    from mlxllm.layers.mla import MLA
 
     assert moe_decode.cuda_available()
     fused = run()
     monkeypatch.setattr(moe_decode, "cuda_available", lambda: False)
-    monkeypatch.setattr(mla_decode, "supported", lambda *a: False)
+    monkeypatch.setattr(MLA, "_decode_flags", lambda *a: None)
     monkeypatch.setattr(decode, "_on_cuda", lambda *a: False)
     twin = run()
     for a, b in zip(fused, twin, strict=True):
@@ -230,7 +231,7 @@ def test_mla_decode_kernels_equal_twins(dtype, traditional, heads, monkeypatch):
     monkeypatch.setattr(mla_decode, "latent_attention", lambda *a: calls.append(1) or flash(*a))
     got, got_cache = run()
     assert bool(calls) == (heads == 16 and dtype == mx.bfloat16)
-    monkeypatch.setattr(mla_decode, "supported", lambda *a: False)
+    monkeypatch.setattr(MLA, "_decode_flags", lambda *a: None)
     want, want_cache = run()
     tol = 1e-4 if dtype == mx.float32 else 3e-2
     np.testing.assert_allclose(got_cache, want_cache, rtol=tol, atol=tol)
@@ -303,7 +304,7 @@ def test_latent_attention_equals_sdpa(B, S, dt):
     buffer = _rand((B, 1, S + 300, r + dr), dt, 1.0, seed=15)
     kv = buffer[:, :, :S]
     w_uv = _rand((H, v, r), dt, 0.05, seed=16)
-    assert mla_decode.flash_supported(q, kv, w_uv)
+    assert mla_decode.flash_supported(q.dtype, kv.shape[-1], w_uv)
     got = mla_decode.latent_attention(q, kv, 0.07, w_uv)
     with mx.stream(mx.cpu):
         q32, kv32 = q.astype(mx.float32), kv.astype(mx.float32)
@@ -330,7 +331,7 @@ def test_fused_quantized_experts_equal_gather_qmm(bits, group_size, dtype, share
     wts = mx.array([[[0.5, 0.3, 0.2]], [[0.6, 0.1, 0.3]]])
     res = _rand((2, 1, 256), dtype, 1.0, seed=18)
     assert moe_decode.quantized_experts_supported(x, experts, shared)
-    assert moe_decode.fused_experts_for(x, experts, shared) is moe_decode.fused_quantized_experts
+    assert not moe_decode.experts_supported(x, experts, shared)  # the quantized kernels, then
     got = moe_decode.fused_quantized_experts(x, idx, wts, experts, shared, residual=res)
     stream = mx.cpu if dtype == mx.float32 else mx.gpu  # CPU is exact with float32 scales
     with mx.stream(stream):

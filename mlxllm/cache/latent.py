@@ -53,15 +53,14 @@ class LatentCache:
         self.offset = need
         return self.buffer[:, :, :need, :r], self.buffer[:, :, :need, r:]
 
-    def append(self, row: mx.array, rank: int) -> mx.array:
-        """Append joint rows ``[c_kv, k_pe]`` ``[B, 1, L, r + dr]`` (``r = rank``) in one write;
-        return ``joint``."""
-        B, _, L, width = row.shape
-        need = self._grow(B, L, width, row.dtype)
+    def claim(self, B: int, L: int, width: int, dtype: mx.Dtype, rank: int) -> tuple[mx.array, int]:
+        """Make room for ``L`` positions of joint rows ``[c_kv, k_pe]`` (``r = rank``) and count
+        them stored; return ``(buffer, first position)``. The caller writes those rows into the
+        buffer itself (the CUDA decode kernel writes the row in place: no copy of the cache)."""
+        need = self._grow(B, L, width, dtype)
         self.rank = rank
-        self.buffer[:, :, self.offset : need, :] = row
-        self.offset = need
-        return self.joint
+        start, self.offset = self.offset, need
+        return self.buffer, start
 
     @property
     def joint(self) -> mx.array:

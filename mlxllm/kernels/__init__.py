@@ -55,6 +55,29 @@ def constant(*values: float) -> mx.array:
     return _constants[values]
 
 
+def memo(owner, name: str, key: tuple, arrays: tuple, build):
+    """``build()`` kept on ``owner`` (a module) while ``key`` compares equal and ``arrays`` are
+    the same objects: weights reloaded, quantized or replaced rebuild it. What decode steps
+    reuse (support checks, launch arguments) is computed once instead of once per token."""
+    ids = tuple(map(id, arrays))
+    got = owner.__dict__.get(name)
+    if got is not None and got[0] == key and got[1] == ids:
+        return got[3]
+    val = build()
+    owner.__dict__[name] = (key, ids, arrays, val)  # the arrays are held: ids stay theirs
+    return val
+
+
+def params_of(*modules) -> tuple:
+    """The modules and their own arrays (identity keys for ``memo``)."""
+    out = []
+    for m in modules:
+        if m is not None:
+            out.append(m)
+            out.extend(m.values())
+    return tuple(out)
+
+
 MAX_TOKENS = 4  # decode of a few sequences; longer inputs take the MLX ops
 
 

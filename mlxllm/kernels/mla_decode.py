@@ -23,35 +23,45 @@ import mlx.core as mx
 
 from mlxllm.kernels import FLOATS, constant, cuda_kernel, on_cuda
 
-_LATENT = r"""
-    // one block of 256 threads per batch row: x = kv_a output [R + DR]
-    const int b = blockIdx.x;
-    const int tid = threadIdx.x;
-    const float eps = params[0], rscale = params[1];
-    const long long base = (long long)b * (R + DR);
-    __shared__ float red[8];
-    float ss = 0.f;
-    for (int i = tid; i < R; i += 256) {
-        const float v = static_cast<float>(x[base + i]);
-        ss += v * v;
+_PREP = r"""
+    // blocks (h, chunk, b): h < H: the absorbed query of head h, 64 latent features per chunk;
+    // block (H, 0, b): the cache row of batch row b, written in place into the cache buffer
+    // (RMSNorm of c_kv, RoPE of k_pe) at position pos. One launch for both.
+    if (blockIdx.x == H) {
+        if (blockIdx.y != 0) return;
+        const int b = blockIdx.z;
+        const int tid = threadIdx.x;
+        const float eps = params[0], rscale = params[1];
+        const T* x = kv_a + (long long)b * (R + DR);
+        T* row = const_cast<T*>(buf) + ((long long)b * buf_shape[2] + pos[0]) * (R + DR);
+        __shared__ float red[8];
+        constexpr int PER = (R + 255) / 256;
+        float v[PER];
+        float ss = 0.f;
+#pragma unroll
+        for (int k = 0; k < PER; ++k) {
+            const int i = tid + k * 256;
+            v[k] = i < R ? static_cast<float>(x[i]) : 0.f;
+            ss += v[k] * v[k];
+        }
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
+        if ((tid & 31) == 0) red[tid >> 5] = ss;
+        __syncthreads();
+        float tot = 0.f;
+        for (int i = 0; i < 8; ++i) tot += red[i];
+        const float inv_rms = rsqrtf(tot / R + eps);
+#pragma unroll
+        for (int k = 0; k < PER; ++k) {
+            const int i = tid + k * 256;
+            if (i < R) row[i] = static_cast<T>(v[k] * inv_rms * static_cast<float>(nw[i]));
+        }
+        const float p = static_cast<float>(pos[0]);
+        for (int i = tid; i < DR / 2; i += 256) {
+            rope_pair<TRAD, DR>(x + R, row + R, i, p, inv_freq, rscale);
+        }
+        return;
     }
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
-    if ((tid & 31) == 0) red[tid >> 5] = ss;
-    __syncthreads();
-    float tot = 0.f;
-    for (int i = 0; i < 8; ++i) tot += red[i];
-    const float inv_rms = rsqrtf(tot / R + eps);
-    for (int i = tid; i < R; i += 256) {
-        const float v = static_cast<float>(x[base + i]);
-        row[base + i] = static_cast<T>(v * inv_rms * static_cast<float>(w[i]));
-    }
-    const float p = static_cast<float>(pos[0]);
-    for (int i = tid; i < DR / 2; i += 256) {
-        rope_pair<TRAD, DR>(x + base + R, row + base + R, i, p, inv_freq, rscale);
-    }
-"""
 
-_QUERY = r"""
     // block (head h, chunk of 64 latent features, batch b), 8 warps: warp w sums its eighth
     // of the NOPE inputs for the chunk (lane: 2 adjacent features, 32-bit loads), then the
     // warps' partial sums are added in shared memory
@@ -129,65 +139,70 @@ def supported(x: mx.array, w_uk: mx.array, w_uv: mx.array, dr: int) -> bool:
     )
 
 
-def latent_row(
+_position: list = [None, None]
+
+
+def position(offset: int) -> mx.array:
+    """``offset`` as an int32 device array, made once per decode step (every layer shares it)."""
+    if _position[0] != offset:
+        _position[0], _position[1] = offset, mx.array([offset], mx.int32)
+    return _position[1]
+
+
+def prep(
+    q: mx.array,
     kv_a: mx.array,
+    w_uk: mx.array,
     norm_weight: mx.array,
     eps: float,
     inv_freq: mx.array,
     rope_scale: float,
     traditional: bool,
+    buffer: mx.array,
     pos: mx.array,
 ) -> mx.array:
-    """``kv_a[B, 1, r + dr]`` -> the cache row ``[B, 1, 1, r + dr]``: ``[rms_norm(c_kv) * w,
-    rope(k_pe * rope_scale, pos)]``. Twin: ``MLA.latent``."""
-    B = kv_a.shape[0]
-    width = kv_a.shape[-1]
-    r = norm_weight.shape[0]
-    (row,) = cuda_kernel(
-        "mla_latent_row", ["x", "w", "inv_freq", "pos", "params"], ["row"], _LATENT
-    )(
-        inputs=[kv_a, norm_weight, inv_freq, pos, constant(eps, rope_scale)],
-        template=[("T", kv_a.dtype), ("R", r), ("DR", width - r), ("TRAD", traditional)],
-        grid=(B * 256, 1, 1),
-        threadgroup=(256, 1, 1),
-        output_shapes=[(B, 1, 1, width)],
-        output_dtypes=[kv_a.dtype],
-    )
-    return row
+    """One launch for both ends of a decode step's latent attention:
 
+    - ``kv_a[B, 1, r + dr]`` -> the cache row ``[rms_norm(c_kv) * w, rope(k_pe * rope_scale,
+      pos)]`` written in place into ``buffer[B, 1, capacity, r + dr]`` at position ``pos``
+      (from ``LatentCache.claim``; no copy of the cache). Twin: ``MLA.latent`` +
+      ``LatentCache.update_and_fetch``.
+    - returns ``q[B, 1, H * (nope + dr)]`` (the query projection) -> ``[B, H, 1, r + dr]``:
+      ``[q_nope_h @ W_UK_h, rope(q_pe_h * rope_scale, pos)]``. Twin: ``MLA._queries`` then the
+      absorption in ``MLA.attend_absorbed``.
 
-def absorbed_query(
-    q: mx.array,
-    w_uk: mx.array,
-    inv_freq: mx.array,
-    rope_scale: float,
-    traditional: bool,
-    pos: mx.array,
-) -> mx.array:
-    """``q[B, 1, H * (nope + dr)]`` (the query projection) -> ``[B, H, 1, r + dr]``:
-    ``[q_nope_h @ W_UK_h, rope(q_pe_h * rope_scale, pos)]``. Twin: ``MLA._queries`` then the
-    absorption in ``MLA.attend_absorbed``."""
-    B = q.shape[0]
-    H, nope, r = w_uk.shape
-    dr = q.shape[-1] // H - nope
-    (out,) = cuda_kernel(
-        "mla_absorbed_query", ["q", "w_uk", "inv_freq", "pos", "params"], ["out"], _QUERY
-    )(
-        inputs=[q, w_uk, inv_freq, pos, constant(0.0, rope_scale)],
-        template=[
-            ("T", q.dtype),
-            ("H", H),
-            ("NOPE", nope),
-            ("R", r),
-            ("DR", dr),
-            ("TRAD", traditional),
-        ],
-        grid=(H * 256, -(-r // 64), B),
-        threadgroup=(256, 1, 1),
-        output_shapes=[(B, H, 1, r + dr)],
-        output_dtypes=[q.dtype],
-    )
+    The row reaches ``buffer`` only when this kernel runs: read the buffer after it (through
+    the returned query, as ``latent_attention`` does).
+    """
+    key = (q.shape, q.dtype, w_uk.shape, eps, rope_scale, traditional)
+    launch = _prep_launches.get(key)
+    if launch is None:
+        B = q.shape[0]
+        H, nope, r = w_uk.shape
+        dr = q.shape[-1] // H - nope
+        names = ["q", "w_uk", "kv_a", "nw", "inv_freq", "pos", "params", "buf"]
+        kernel = cuda_kernel("mla_prep", names, ["out"], _PREP)
+        kw = dict(
+            template=[
+                ("T", q.dtype),
+                ("H", H),
+                ("NOPE", nope),
+                ("R", r),
+                ("DR", dr),
+                ("TRAD", traditional),
+            ],
+            grid=((H + 1) * 256, -(-r // 64), B),
+            threadgroup=(256, 1, 1),
+            output_shapes=[(B, H, 1, r + dr)],
+            output_dtypes=[q.dtype],
+        )
+        launch = _prep_launches[key] = (kernel, constant(eps, rope_scale), kw)
+    kernel, params, kw = launch
+    (out,) = kernel(inputs=[q, w_uk, kv_a, norm_weight, inv_freq, pos, params, buffer], **kw)
     return out
+
+
+_prep_launches: dict = {}  # static launch arguments per signature
 
 
 def value_out(o: mx.array, w_uv: mx.array) -> mx.array:
@@ -488,17 +503,17 @@ _FLASH_COMBINE = r"""
 _TK = 32
 
 
-def flash_supported(q: mx.array, kv: mx.array, w_uv: mx.array) -> bool:
-    """Tensor-core latent attention: 16-bit floats, heads in groups of 16, 16-wide features,
-    a latent of 64-wide blocks (one eighth per warp) of at most 1024 features, 16-wide values."""
+def flash_supported(dtype: mx.Dtype, width: int, w_uv: mx.array) -> bool:
+    """Tensor-core latent attention for rows of ``width`` = r + dr: 16-bit floats, heads in
+    groups of 16, 16-wide rows, a latent of 64-wide blocks (one eighth per warp) of at most
+    1024 features, 16-wide values."""
     H, v, r = w_uv.shape
-    W = kv.shape[-1]
     return (
         on_cuda()
-        and q.dtype in (mx.bfloat16, mx.float16)
-        and kv.dtype == q.dtype == w_uv.dtype
+        and dtype in (mx.bfloat16, mx.float16)
+        and w_uv.dtype == dtype
         and H % 16 == 0
-        and W % 16 == 0
+        and width % 16 == 0
         and r % 64 == 0
         and 256 % (r // 4) == 0
         and v % 16 == 0
@@ -515,38 +530,53 @@ def latent_attention(q: mx.array, kv: mx.array, scale: float, w_uv: mx.array) ->
     ``kv[B, 1, S, r + dr]`` (the cache's ``joint``: full-width rows, possibly a view of a longer
     buffer; read through its strides, never copied) ->
     ``[B, 1, H * v]``. Twin: ``scaled_dot_product_attention(q, kv, kv)`` then ``value_out``."""
-    B, H = q.shape[0], q.shape[1]
-    W = kv.shape[-1]
-    _, v, r = w_uv.shape
     S = kv.shape[2]
-    groups = H // 16
+    key = (q.shape, q.dtype, kv.shape[0], kv.shape[-1], w_uv.shape, scale, _splits(q, S))
+    launch = _flash_launches.get(key)
+    if launch is None:
+        launch = _flash_launches[key] = _flash_launch(q, kv, scale, w_uv, key[-1])
+    partial, pkw, scale_c, combine, ckw = launch
+    o_part, ml = partial(inputs=[q, kv, scale_c], **pkw)
+    (out,) = combine(inputs=[o_part, ml, w_uv], **ckw)
+    return out
+
+
+_flash_launches: dict = {}  # static launch arguments per signature and split count
+
+
+def _splits(q: mx.array, S: int) -> int:
     # splits of the cached rows: two blocks per SM of an H100/H200 (132 SMs; ~97 KB of shared
     # memory each), at most 256 (the combine kernel's block), at least two tiles each (the
     # second loads while the first is computed)
-    ns = max(1, min(-(-S // (2 * _TK)), 264 // groups, 256))
-    smem = _flash_smem(W)
-    o_part, ml = cuda_kernel(
+    return max(1, min(-(-S // (2 * _TK)), 264 // (q.shape[1] // 16), 256))
+
+
+def _flash_launch(q: mx.array, kv: mx.array, scale: float, w_uv: mx.array, ns: int):
+    B, H = q.shape[0], q.shape[1]
+    W = kv.shape[-1]
+    _, v, r = w_uv.shape
+    partial = cuda_kernel(
         "mla_flash_partial",
         ["q", "kv", "scale"],
         ["o_part", "ml"],
         _FLASH_PARTIAL,
-        smem=smem,
+        smem=_flash_smem(W),
         contiguous=False,
         header=_FLASH_HEADER,
-    )(
-        inputs=[q, kv, constant(scale)],
+    )
+    pkw = dict(
         template=[("T", q.dtype), ("H", H), ("R", r), ("DR", W - r)],
-        grid=(ns * 256, groups, B),
+        grid=(ns * 256, H // 16, B),
         threadgroup=(256, 1, 1),
         output_shapes=[(B, ns, H, r), (B, ns, H, 2)],
         output_dtypes=[mx.float32, mx.float32],
     )
-    (out,) = cuda_kernel("mla_flash_combine", ["o_part", "ml", "w_uv"], ["out"], _FLASH_COMBINE)(
-        inputs=[o_part, ml, w_uv],
+    combine = cuda_kernel("mla_flash_combine", ["o_part", "ml", "w_uv"], ["out"], _FLASH_COMBINE)
+    ckw = dict(
         template=[("T", q.dtype), ("H", H), ("R", r), ("V", v)],
         grid=(B * H * (v // 16) * 256, 1, 1),
         threadgroup=(256, 1, 1),
         output_shapes=[(B, 1, H * v)],
         output_dtypes=[q.dtype],
     )
-    return out
+    return partial, pkw, constant(scale), combine, ckw

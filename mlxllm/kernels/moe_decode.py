@@ -22,9 +22,11 @@ The twins are the MLX code paths in ``layers/moe.py`` (``softmax_topk``, ``Switc
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 
-from mlxllm.kernels import FLOATS, constant, cuda_kernel, decode_tokens, on_cuda
+from mlxllm.kernels import FLOATS, constant, cuda_kernel, decode_tokens, memo, on_cuda, params_of
 
 _ROUTE = r"""
     // one block of 1024 threads per token
@@ -167,25 +169,37 @@ def route_topk(
         ``(indices [..., k] int32, weights [..., k] float32)``, experts in descending order.
         Twin: ``layers.moe.softmax_topk`` on ``x @ weight.T`` (same set, any order).
     """
-    E, D = weight.shape
-    lead = x.shape[:-1]
-    N = x.size // D
-    idx, wts = cuda_kernel("route_topk", ["x", "wr", "scale"], ["idx", "wts"], _ROUTE)(
-        inputs=[x.reshape(N, D), weight, constant(scale)],
-        template=[
-            ("T", x.dtype),
-            ("WT", weight.dtype),
-            ("D", D),
-            ("E", E),
-            ("K", k),
-            ("NORM", bool(norm_topk_prob)),
-        ],
-        grid=(N * 1024, 1, 1),
-        threadgroup=(1024, 1, 1),
-        output_shapes=[(N, k), (N, k)],
-        output_dtypes=[mx.int32, mx.float32],
-    )
-    return idx.reshape(*lead, k), wts.reshape(*lead, k)
+    key = (x.shape, x.dtype, weight.shape, weight.dtype, k, bool(norm_topk_prob), scale)
+    launch = _route_launches.get(key)
+    if launch is None:
+        E, D = weight.shape
+        lead = x.shape[:-1]
+        N = x.size // D
+        kernel = cuda_kernel("route_topk", ["x", "wr", "scale"], ["idx", "wts"], _ROUTE)
+        launch = _route_launches[key] = (
+            kernel,
+            constant(scale),
+            dict(
+                template=[
+                    ("T", x.dtype),
+                    ("WT", weight.dtype),
+                    ("D", D),
+                    ("E", E),
+                    ("K", k),
+                    ("NORM", bool(norm_topk_prob)),
+                ],
+                grid=(N * 1024, 1, 1),
+                threadgroup=(1024, 1, 1),
+                output_shapes=[(*lead, k), (*lead, k)],
+                output_dtypes=[mx.int32, mx.float32],
+            ),
+        )
+    kernel, scale_c, kw = launch
+    idx, wts = kernel(inputs=[x, weight, scale_c], **kw)
+    return idx, wts
+
+
+_route_launches: dict = {}  # static launch arguments per input signature
 
 
 def experts_supported(x: mx.array, experts, shared) -> bool:
@@ -234,8 +248,32 @@ def fused_experts(
     Returns:
         ``[..., D]`` in ``x``'s dtype. Twin: ``SwitchGLU(x, indices, weights) + shared(x)``.
     """
+    run = experts_launcher(
+        x, experts, shared, indices.shape[-1], shared_weight is not None, residual is not None
+    )
+    return run(x, indices, weights, shared_weight, residual)
+
+
+def _run_experts(launch, x, indices, weights, shared_weight=None, residual=None) -> mx.array:
+    up, up_kw, up_w, down, down_kw, down_w, sw = launch
+    if shared_weight is not None:
+        sw = shared_weight
+        if sw.dtype != mx.float32:
+            sw = sw.astype(mx.float32)
+    idx = indices if indices.dtype == mx.int32 else indices.astype(mx.int32)
+    wts = weights if weights.dtype == mx.float32 else weights.astype(mx.float32)
+    (h,) = up(inputs=[x, idx, wts, sw, *up_w], **up_kw)
+    res = x if residual is None else residual
+    if res.dtype != x.dtype:
+        res = res.astype(x.dtype)
+    (y,) = down(inputs=[h, idx, *down_w, res], **down_kw)
+    return y
+
+
+def _experts_launch(x: mx.array, k: int, experts, shared, has_res: bool):
+    """What ``fused_experts`` passes to its two kernels besides the per-token inputs."""
     E, hid, D = experts.gate_proj.weight.shape
-    lead, k = x.shape[:-1], indices.shape[-1]
+    lead = x.shape[:-1]
     N = x.size // D
     wdt = experts.gate_proj.weight.dtype
     if shared is not None:
@@ -244,35 +282,29 @@ def fused_experts(
     else:
         S = 0
         sg = su = sd = experts.gate_proj.weight  # not read
-    if shared_weight is None:
-        sw = constant(*([1.0] * N))  # shared experts at weight 1
-    else:
-        sw = shared_weight.reshape(N).astype(mx.float32)
-    idx = indices.reshape(N, k).astype(mx.int32)
-    xs = x.reshape(N, D)
     tmpl = [("WT", wdt), ("D", D), ("I", hid), ("K", k), ("S", S)]
     rows = (k + S) * hid
-    wts = weights.reshape(N, k).astype(mx.float32)
     names = ["x", "idx", "wts", "sw", "wg", "wu", "sg", "su"]
-    (h,) = cuda_kernel("experts_up", names, ["h"], _UP)(
-        inputs=[xs, idx, wts, sw, experts.gate_proj.weight, experts.up_proj.weight, sg, su],
+    up = cuda_kernel("experts_up", names, ["h"], _UP)
+    up_kw = dict(
         template=tmpl,
         grid=(-(-rows // 8) * 256, 1, N),
         threadgroup=(256, 1, 1),
-        output_shapes=[(N, k + S, hid)],
+        output_shapes=[(*lead, k + S, hid)],
         output_dtypes=[mx.float32],
     )
     smem = (k + S) * hid * 4
-    res = xs if residual is None else residual.reshape(N, D).astype(x.dtype)
-    (y,) = cuda_kernel("experts_down", ["h", "idx", "wd", "sd", "res"], ["y"], _DOWN, smem)(
-        inputs=[h, idx, experts.down_proj.weight, sd, res],
-        template=[("OT", x.dtype), *tmpl, ("HAS_RES", residual is not None)],
+    down = cuda_kernel("experts_down", ["h", "idx", "wd", "sd", "res"], ["y"], _DOWN, smem)
+    down_kw = dict(
+        template=[("OT", x.dtype), *tmpl, ("HAS_RES", has_res)],
         grid=(-(-D // 8) * 256, 1, N),
         threadgroup=(256, 1, 1),
-        output_shapes=[(N, D)],
+        output_shapes=[x.shape],
         output_dtypes=[x.dtype],
     )
-    return y.reshape(*lead, D)
+    sw = constant(*([1.0] * N))  # shared experts at weight 1 (unless a weight is passed)
+    up_w = [experts.gate_proj.weight, experts.up_proj.weight, sg, su]
+    return up, up_kw, up_w, down, down_kw, [experts.down_proj.weight, sd], sw
 
 
 # ---- affine-quantized experts (WIP: written without a GPU, untested) ----------------------
@@ -416,9 +448,14 @@ def fused_quantized_experts(
 ) -> mx.array:
     """``fused_experts`` for affine-quantized experts (same arguments and result).
     Twin: ``SwitchGLU`` over ``QuantizedSwitchLinear`` (``gather_qmm``) + ``SwiGLU``."""
+    return fused_experts(x, indices, weights, experts, shared, shared_weight, residual)
+
+
+def _qexperts_launch(x: mx.array, k: int, experts, shared, has_res: bool):
+    """``_experts_launch`` for affine-quantized experts."""
     g, u, dn = experts.gate_proj, experts.up_proj, experts.down_proj
     hid, D = g.scales.shape[1], x.shape[-1]
-    lead, k = x.shape[:-1], indices.shape[-1]
+    lead = x.shape[:-1]
     N = x.size // D
     if shared is not None:
         S = shared.gate_proj.scales.shape[0] // hid
@@ -426,11 +463,8 @@ def fused_quantized_experts(
     else:
         S = 0
         sparts = [g, u, dn]  # not read
-    sw = constant(*([1.0] * N)) if shared_weight is None else shared_weight.reshape(N)
-    sw = sw.astype(mx.float32)
-    idx = indices.reshape(N, k).astype(mx.int32)
-    xs = x.reshape(N, D)
     tmpl = [("BITS", g.bits), ("GS", g.group_size), ("D", D), ("I", hid), ("K", k), ("S", S)]
+    tmpl.append(("ST", g.scales.dtype))  # part of the kernel's name: one build per scale dtype
     rows = (k + S) * hid
 
     def parts(m):
@@ -438,38 +472,47 @@ def fused_quantized_experts(
 
     up_names = ["x", "idx", "wts", "sw", "wg", "wgs", "wgb", "wu", "wus", "wub"]
     up_names += ["sg", "sgs", "sgb", "su", "sus", "sub"]
-    (h,) = cuda_kernel("experts_up_q", up_names, ["h"], _UP_Q, header=_QDOT)(
-        inputs=[xs, idx, weights.reshape(N, k).astype(mx.float32), sw]
-        + parts(g)
-        + parts(u)
-        + parts(sparts[0])
-        + parts(sparts[1]),
+    up = cuda_kernel("experts_up_q", up_names, ["h"], _UP_Q, header=_QDOT)
+    up_kw = dict(
         template=tmpl,
         grid=(-(-rows // 8) * 256, 1, N),
         threadgroup=(256, 1, 1),
-        output_shapes=[(N, k + S, hid)],
+        output_shapes=[(*lead, k + S, hid)],
         output_dtypes=[mx.float32],
     )
-    res = xs if residual is None else residual.reshape(N, D).astype(x.dtype)
     down_names = ["h", "idx", "wd", "wds", "wdb", "sd", "sds", "sdb", "res"]
-    (y,) = cuda_kernel(
-        "experts_down_q", down_names, ["y"], _DOWN_Q, (k + S) * hid * 4, header=_QDOT
-    )(
-        inputs=[h, idx] + parts(dn) + parts(sparts[2]) + [res],
-        template=[("OT", x.dtype), *tmpl, ("HAS_RES", residual is not None)],
+    smem = (k + S) * hid * 4
+    down = cuda_kernel("experts_down_q", down_names, ["y"], _DOWN_Q, smem, header=_QDOT)
+    down_kw = dict(
+        template=[("OT", x.dtype), *tmpl, ("HAS_RES", has_res)],
         grid=(-(-D // 8) * 256, 1, N),
         threadgroup=(256, 1, 1),
-        output_shapes=[(N, D)],
+        output_shapes=[x.shape],
         output_dtypes=[x.dtype],
     )
-    return y.reshape(*lead, D)
+    sw = constant(*([1.0] * N))
+    up_w = parts(g) + parts(u) + parts(sparts[0]) + parts(sparts[1])
+    return up, up_kw, up_w, down, down_kw, parts(dn) + parts(sparts[2]), sw
 
 
-def fused_experts_for(x: mx.array, experts, shared):
-    """The fused experts function that runs here for these experts (float or affine-quantized),
-    or None (then the MLX path)."""
-    if experts_supported(x, experts, shared):
-        return fused_experts
-    if quantized_experts_supported(x, experts, shared):
-        return fused_quantized_experts
-    return None
+def experts_launcher(x: mx.array, experts, shared, k: int, has_sw: bool, has_res: bool):
+    """``run(x, indices, weights, shared_weight, residual)``: routed + shared experts (and the
+    residual add) in two kernels for float or affine-quantized experts, or None (then the MLX
+    path). Checked and prepared once per input signature and weights."""
+    if not cuda_available() or not decode_tokens(x):
+        return None
+    gp, up, dp = experts["gate_proj"], experts["up_proj"], experts["down_proj"]
+    sp = () if shared is None else (shared["gate_proj"], shared["up_proj"], shared["down_proj"])
+    arrays = params_of(experts, shared, gp, up, dp, *sp)
+
+    def build():
+        if experts_supported(x, experts, shared):
+            launch = _experts_launch(x, k, experts, shared, has_res)
+        elif quantized_experts_supported(x, experts, shared):
+            launch = _qexperts_launch(x, k, experts, shared, has_res)
+        else:
+            return None
+        return functools.partial(_run_experts, launch)
+
+    key = (x.shape, x.dtype, k, has_sw, has_res)
+    return memo(experts, "_memo_launcher", key, arrays, build)

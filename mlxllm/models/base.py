@@ -96,10 +96,14 @@ class DecoderBlock(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(dim, eps=eps)
 
     def __call__(self, x, mask=None, cache=None):
-        a = self.self_attn(self.input_layernorm(x), mask, cache)
+        attn = self.self_attn
+        if getattr(type(attn), "takes_norm", False):
+            a = attn(x, mask, cache, norm=self.input_layernorm)  # fused at CUDA decode (MLA)
+        else:
+            a = attn(self.input_layernorm(x), mask, cache)
         # h = x + a and its norm: one kernel at CUDA decode (kernels/decode.py)
         h, n = add_rms_norm(x, a, self.post_attention_layernorm)
-        if getattr(self.mlp, "adds_residual", False):
+        if getattr(type(self.mlp), "adds_residual", False):
             return self.mlp(n, residual=h)  # MoE blocks fold the add into their last kernel
         return h + self.mlp(n)
 

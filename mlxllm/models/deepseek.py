@@ -29,7 +29,7 @@ import mlx.nn as nn
 from mlxllm.cache import KVCache
 from mlxllm.cache.latent import LatentCache
 from mlxllm.errors import MlxllmError
-from mlxllm.kernels.moe_decode import fused_experts_for, route_supported, route_topk
+from mlxllm.kernels.moe_decode import experts_launcher, route_supported, route_topk
 from mlxllm.layers.attention import Attention
 from mlxllm.layers.mla import MLA
 from mlxllm.layers.mlp import SwiGLU
@@ -169,10 +169,11 @@ class MoE(nn.Module):
     def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
         indices, weights = self.gate(x)
         shared = self.get("shared_experts")
-        fused = fused_experts_for(x, self.experts, shared)
-        if fused is not None:
+        k = self.gate.c.num_experts_per_tok
+        run = experts_launcher(x, self["experts"], shared, k, False, residual is not None)
+        if run is not None:
             # CUDA decode: routed and shared experts (and the residual add) in two kernels
-            return fused(x, indices, weights, self.experts, shared, residual=residual)
+            return run(x, indices, weights, None, residual)
         y = self.experts(x, indices, weights)  # [..., D]
         if "shared_experts" in self:
             y = y + self.shared_experts(x)

@@ -25,7 +25,7 @@ import dataclasses
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxllm.kernels.moe_decode import fused_experts_for, route_supported, route_topk
+from mlxllm.kernels.moe_decode import experts_launcher, route_supported, route_topk
 from mlxllm.layers.mlp import SwiGLU
 from mlxllm.layers.moe import SwitchGLU, softmax_topk
 from mlxllm.models.base import BaseConfig, CausalLM, DecoderBlock
@@ -125,11 +125,12 @@ class SparseMoeBlock(nn.Module):
             indices, weights = route_topk(x, self.gate.weight, self.k, self.norm_topk_prob)
         else:
             indices, weights = softmax_topk(self.gate(x), self.k, self.norm_topk_prob)  # [B, L, k]
-        fused = fused_experts_for(x, self.experts, shared)
-        if fused is not None:
+        has_sw = shared is not None
+        run = experts_launcher(x, self["experts"], shared, self.k, has_sw, residual is not None)
+        if run is not None:
             # CUDA decode: routed and shared experts in two kernels
-            gate = mx.sigmoid(self.shared_expert_gate(x)) if shared is not None else None
-            return fused(x, indices, weights, self.experts, shared, gate, residual)
+            gate = mx.sigmoid(self.shared_expert_gate(x)) if has_sw else None
+            return run(x, indices, weights, gate, residual)
         y = self.experts(x, indices, weights)  # [B, L, D]
         if shared is not None:
             y = y + mx.sigmoid(self.shared_expert_gate(x)) * shared(x)
