@@ -51,28 +51,11 @@ _ADD_NORM = r"""
 """
 
 _GEMV2 = r"""
-    // one warp per output row over [w1; w2], 8 warps per block; token n = blockIdx.z. NORM:
-    // x is first RMS-normalized with weight nw (each block recomputes the norm; rounded to OT
-    // as the separate norm's output is)
+    // one warp per output row over [w1; w2], 8 warps per block; token n = blockIdx.z
     const int n = blockIdx.z;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     __shared__ __align__(16) float xs[D];
     for (int d = tid; d < D; d += 256) xs[d] = static_cast<float>(x[(long long)n * D + d]);
-    if (NORM) {
-        __shared__ float red[8];
-        float ss = 0.f;
-        for (int d = tid; d < D; d += 256) ss += xs[d] * xs[d];
-        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
-        if (lane == 0) red[warp] = ss;
-        __syncthreads();
-        float tot = 0.f;
-        for (int i = 0; i < 8; ++i) tot += red[i];
-        const float inv_rms = rsqrtf(tot / D + eps[0]);
-        for (int d = tid; d < D; d += 256) {
-            const float v = xs[d] * inv_rms * static_cast<float>(nw[d]);
-            xs[d] = static_cast<float>(static_cast<OT>(v));
-        }
-    }
     __syncthreads();
     const int row = blockIdx.x * 8 + warp;
     if (row >= O1 + O2) return;
@@ -113,12 +96,10 @@ def add_rms_norm(x: mx.array, a: mx.array, norm: nn.RMSNorm) -> tuple[mx.array, 
     return h, n
 
 
-def gemv2_supported(x: mx.array, lin1: nn.Module, lin2: nn.Module, norm=None) -> bool:
+def gemv2_supported(x: mx.array, lin1: nn.Module, lin2: nn.Module) -> bool:
     if not _on_cuda(x):
         return False
     if any(type(m) is not nn.Linear or "bias" in m for m in (lin1, lin2)):
-        return False
-    if norm is not None and (type(norm) is not nn.RMSNorm or norm.weight.dtype != x.dtype):
         return False
     w1, w2 = lin1.weight, lin2.weight
     D = x.shape[-1]
@@ -130,20 +111,17 @@ def gemv2_supported(x: mx.array, lin1: nn.Module, lin2: nn.Module, norm=None) ->
     )
 
 
-def gemv2(
-    x: mx.array, lin1: nn.Linear, lin2: nn.Linear, norm: nn.RMSNorm | None = None
-) -> tuple[mx.array, mx.array]:
-    """``(lin1(x), lin2(x))`` for a few tokens in one launch (``gemv2_supported`` first); with
-    ``norm``, ``(lin1(norm(x)), lin2(norm(x)))`` (the norm in the same launch)."""
+def gemv2(x: mx.array, lin1: nn.Linear, lin2: nn.Linear) -> tuple[mx.array, mx.array]:
+    """``(lin1(x), lin2(x))`` for a few tokens in one launch (``gemv2_supported`` first)."""
     w1, w2 = lin1["weight"], lin2["weight"]
-    key = (x.shape, x.dtype, w1.shape, w2.shape, w1.dtype, norm is None)
+    key = (x.shape, x.dtype, w1.shape, w2.shape, w1.dtype)
     launch = _gemv2_launches.get(key)
     if launch is None:
         D = x.shape[-1]
         lead = x.shape[:-1]
         N = x.size // D
         o1, o2 = w1.shape[0], w2.shape[0]
-        kernel = cuda_kernel("gemv2", ["x", "w1", "w2", "nw", "eps"], ["y1", "y2"], _GEMV2)
+        kernel = cuda_kernel("gemv2", ["x", "w1", "w2"], ["y1", "y2"], _GEMV2)
         launch = _gemv2_launches[key] = (
             kernel,
             dict(
@@ -153,7 +131,6 @@ def gemv2(
                     ("D", D),
                     ("O1", o1),
                     ("O2", o2),
-                    ("NORM", norm is not None),
                 ],
                 grid=(-(-(o1 + o2) // 8) * 256, 1, N),
                 threadgroup=(256, 1, 1),
@@ -162,8 +139,7 @@ def gemv2(
             ),
         )
     kernel, kw = launch
-    nw, eps = (w1, 0.0) if norm is None else (norm["weight"], norm.eps)
-    return kernel(inputs=[x, w1, w2, nw, constant(eps)], **kw)
+    return kernel(inputs=[x, w1, w2], **kw)
 
 
 _gemv2_launches: dict = {}  # static launch arguments per signature

@@ -32,15 +32,12 @@ _ROUTE = r"""
     // one block of 1024 threads per token
     const int n = blockIdx.x;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    __shared__ float xs[D];
+    __shared__ __align__(16) float xs[D];
     __shared__ float probs[E];
     for (int d = tid; d < D; d += 1024) xs[d] = static_cast<float>(x[(long long)n * D + d]);
     __syncthreads();
     for (int e = warp; e < E; e += 32) {
-        const WT* row = wr + (long long)e * D;
-        float a = 0.f;
-        for (int d = lane; d < D; d += 32) a += xs[d] * static_cast<float>(row[d]);
-        for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffff, a, o);
+        const float a = warp_dot(wr + (long long)e * D, xs, D, lane);  // 16-byte loads
         if (lane == 0) probs[e] = a;
     }
     __syncthreads();
@@ -149,6 +146,7 @@ def route_supported(x: mx.array, weight: mx.array, k: int) -> bool:
         and decode_tokens(x)
         and E <= 1024
         and D <= 8192
+        and D % (16 // weight.dtype.size) == 0
         and k <= min(E, 32)
         and x.dtype in FLOATS
         and weight.dtype in FLOATS

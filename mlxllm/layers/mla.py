@@ -302,38 +302,36 @@ class MLA(nn.Module):
             object.__setattr__(self, "_inv_freq", inv)
         return inv
 
-    def _decode_flags(self, x: mx.array, norm, w_uk, w_uv) -> tuple[bool, bool] | None:
+    def _decode_flags(self, x: mx.array, w_uk, w_uv) -> tuple[bool, bool] | None:
         """Whether this decode step takes the CUDA kernels (None: no), and of them the fused
         projections and the tensor-core attention; checked once per input signature and
         weights (``kernels.memo``)."""
         first = self["q_proj"] if "q_proj" in self else self["q_a_proj"]
         kv_a_proj = self["kv_a_proj_with_mqa"]
-        arrays = params_of(first, kv_a_proj, norm) + (w_uk, w_uv)
+        arrays = params_of(first, kv_a_proj) + (w_uk, w_uv)
 
         def build():
             if not mla_decode.supported(x, w_uk, w_uv, self.qk_rope_head_dim):
                 return None
             width = self.kv_lora_rank + self.qk_rope_head_dim
             return (
-                decode_kernels.gemv2_supported(x, first, kv_a_proj, norm),
+                decode_kernels.gemv2_supported(x, first, kv_a_proj),
                 mla_decode.flash_supported(x.dtype, width, w_uv),
             )
 
-        key = (x.shape, x.dtype, norm is None, on_cuda())
+        key = (x.shape, x.dtype, on_cuda())
         return memo(self, "_memo_decode_flags", key, arrays, build)
 
     def _decode_kernels(
-        self, x: mx.array, cache: LatentCache, w_uk, w_uv, norm, fused_proj: bool, flash: bool
+        self, x: mx.array, cache: LatentCache, w_uk, w_uv, fused_proj: bool, flash: bool
     ) -> mx.array:
         """One token, absorbed, with the steps around attention as CUDA kernels
-        (``kernels/mla_decode.py``; the twin is the generic path of ``__call__``). ``norm``: the
-        block's input norm, not yet applied to ``x`` (or None: ``x`` is normalized)."""
+        (``kernels/mla_decode.py``; the twin is the generic path of ``__call__``)."""
         first = self["q_proj"] if "q_proj" in self else self["q_a_proj"]
         kv_a_proj = self["kv_a_proj_with_mqa"]
         if fused_proj:
-            q, kv_a = decode_kernels.gemv2(x, first, kv_a_proj, norm)  # one launch
+            q, kv_a = decode_kernels.gemv2(x, first, kv_a_proj)  # one launch
         else:
-            x = x if norm is None else norm(x)
             q, kv_a = first(x), kv_a_proj(x)
         if "q_proj" not in self:
             q = self.q_b_proj(self.q_a_layernorm(q))
@@ -360,19 +358,14 @@ class MLA(nn.Module):
         o = mx.fast.scaled_dot_product_attention(q, kv, kv, scale=self.scale)
         return self.o_proj(mla_decode.value_out(o, w_uv))
 
-    takes_norm = True  # DecoderBlock may pass its input norm in (fused into the first kernel)
-
-    def __call__(self, x: mx.array, mask=None, cache=None, norm=None) -> mx.array:
-        """``x[B, L, dim]`` -> ``[B, L, dim]``; ``cache``: a ``LatentCache`` or None; ``norm``:
-        an input norm to apply to ``x`` first (the decode kernels fuse it)."""
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        """``x[B, L, dim]`` -> ``[B, L, dim]``; ``cache``: a ``LatentCache`` or None."""
         B, L, _ = x.shape
         if L == 1 and isinstance(cache, LatentCache) and cache.buffer is not None:
             w_uk, w_uv = self._kv_b_weights()
-            flags = self._decode_flags(x, norm, w_uk, w_uv)
+            flags = self._decode_flags(x, w_uk, w_uv)
             if flags is not None and cache.buffer.dtype == x.dtype:
-                return self._decode_kernels(x, cache, w_uk, w_uv, norm, *flags)
-        if norm is not None:
-            x = norm(x)
+                return self._decode_kernels(x, cache, w_uk, w_uv, *flags)
         offset = cache.offset if cache is not None else 0
         q_nope, q_pe = self._queries(x, offset)
         c_kv, k_pe = self.latent(x, offset)

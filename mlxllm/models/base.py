@@ -96,11 +96,7 @@ class DecoderBlock(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(dim, eps=eps)
 
     def __call__(self, x, mask=None, cache=None):
-        attn = self.self_attn
-        if getattr(type(attn), "takes_norm", False):
-            a = attn(x, mask, cache, norm=self.input_layernorm)  # fused at CUDA decode (MLA)
-        else:
-            a = attn(self.input_layernorm(x), mask, cache)
+        a = self.self_attn(self.input_layernorm(x), mask, cache)
         # h = x + a and its norm: one kernel at CUDA decode (kernels/decode.py)
         h, n = add_rms_norm(x, a, self.post_attention_layernorm)
         if getattr(type(self.mlp), "adds_residual", False):
