@@ -3,7 +3,7 @@
 - ``add_rms_norm``: the residual add of a block and the RMSNorm that follows it, one kernel
   (``h = x + a``, ``n = rms_norm(h) * w``; ``h`` is rounded to the model dtype first, as the
   separate ops do).
-- ``multi_gemv``: several projections of the same few tokens (MLA's query and latent
+- ``gemv2``: two projections of the same few tokens (MLA's query and latent
   projections) in one launch: one warp per output row, 16-byte loads.
 
 Both exist because MLX's CUDA backend spends ~10 us issuing each kernel (see

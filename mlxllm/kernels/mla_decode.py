@@ -1,20 +1,23 @@
-"""The small steps around absorbed MLA decode attention as three CUDA kernels, with MLX twins.
+"""Absorbed MLA decode as four CUDA kernels (plus the projections), with MLX twins.
 
 One decode step of absorbed multi-head latent attention (``layers/mla.py``), written in MLX ops,
-is a dozen kernels besides the projections and the attention itself: RMSNorm of the latent
-(after a copy of the strided slice), RoPE of ``k_pe`` and of the strided ``q_pe``, two cache
-writes, the ``W_UK`` absorption, the query concatenation (two copies), slicing ``c_kv`` out of
-the attention output, ``W_UV`` and the head transpose. On MLX's CUDA backend each kernel costs
-~10 us to issue however little it computes (``moe_decode.py``), so these become:
+is a dozen kernels besides the projections: RMSNorm of the latent (after a copy of the strided
+slice), RoPE of ``k_pe`` and of the strided ``q_pe``, two cache writes, the ``W_UK``
+absorption, the query concatenation (two copies), the attention (several kernels), slicing
+``c_kv`` out of its output, ``W_UV`` and the head transpose. On MLX's CUDA backend each kernel
+costs ~10 us to issue however little it computes (``moe_decode.py``), so these become:
 
-- ``latent_row``: ``kv_a`` output -> the cache row ``[rmsnorm(c_kv), rope(k_pe)]`` (one write);
-- ``absorbed_query``: ``q_proj`` output -> ``[q_nope @ W_UK, rope(q_pe)]`` per head;
-- ``value_out``: attention output ``[H, r + dr]`` -> ``o[:r] @ W_UV^T`` as ``[1, H * v]``,
-  the layout ``o_proj`` takes.
+- ``prep``: the cache row ``[rmsnorm(c_kv), rope(k_pe)]`` written in place into the cache
+  buffer (no copy of the cache), and the absorbed query ``[q_nope @ W_UK, rope(q_pe)]`` per
+  head, in one launch;
+- ``latent_attention``: flash-decoding over the latent cache on tensor cores (split over the
+  cached rows, ``mma.sync`` for ``Q K^T`` and ``P V``, two ``cp.async`` stages), then a
+  combine kernel that merges the splits and applies ``W_UV`` straight into ``o_proj``'s
+  layout (16-bit models, 16 heads a group: DeepSeek-V2, V2-Lite, V3);
+- ``value_out``: ``W_UV`` after MLX's attention when the tensor-core kernel does not apply.
 
-The attention between them stays ``mx.fast.scaled_dot_product_attention`` over the cache's
-``[c_kv, k_pe]`` buffer. The twins are the MLX code in ``MLA`` (``latent``, ``_queries``,
-``attend_absorbed``); ``tests/test_kernels.py`` compares both on a CUDA device.
+The twins are the MLX code in ``MLA`` (``latent``, ``_queries``, ``attend_absorbed``) and
+``LatentCache.update_and_fetch``; ``tests/test_kernels.py`` compares both on a CUDA device.
 """
 
 from __future__ import annotations
@@ -221,7 +224,7 @@ def value_out(o: mx.array, w_uv: mx.array) -> mx.array:
     return out
 
 
-# ---- latent flash-decoding on tensor cores (WIP: written without a GPU, untested) ----------
+# ---- latent flash-decoding on tensor cores -----------------------------------------------
 
 _FLASH_HEADER = r"""
 // D += A B on tensor cores: mma.sync m16n8k16, 16-bit A (16x16, row) and B (16x8, col) in
@@ -526,7 +529,7 @@ def _flash_smem(W: int) -> int:
 
 
 def latent_attention(q: mx.array, kv: mx.array, scale: float, w_uv: mx.array) -> mx.array:
-    """Absorbed attention plus ``W_UV``: ``q[B, H, 1, r + dr]`` (from ``absorbed_query``) over
+    """Absorbed attention plus ``W_UV``: ``q[B, H, 1, r + dr]`` (from ``prep``) over
     ``kv[B, 1, S, r + dr]`` (the cache's ``joint``: full-width rows, possibly a view of a longer
     buffer; read through its strides, never copied) ->
     ``[B, 1, H * v]``. Twin: ``scaled_dot_product_attention(q, kv, kv)`` then ``value_out``."""

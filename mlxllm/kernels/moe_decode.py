@@ -14,7 +14,11 @@ is dispatch). These kernels do the same in three:
   Shared experts are split into ``moe_intermediate_size``-wide chunks, each a slot of weight 1
   (or Qwen's sigmoid gate), so they ride in the same launch.
 - ``experts_down``: each output feature sums the ``down`` rows of every slot against that
-  slot's activations (held in shared memory): routed and shared outputs, already added.
+  slot's activations (held in shared memory): routed and shared outputs, already added, and
+  the block's residual.
+
+Float experts and affine 4/8-bit quantized ones (codes unpacked in the kernel) alike.
+``experts_launcher`` checks and prepares a layer's launches once per input signature.
 
 The twins are the MLX code paths in ``layers/moe.py`` (``softmax_topk``, ``SwitchGLU``,
 ``SwiGLU``); ``tests/test_kernels.py`` compares them on a CUDA device.
@@ -305,7 +309,7 @@ def _experts_launch(x: mx.array, k: int, experts, shared, has_res: bool):
     return up, up_kw, up_w, down, down_kw, [experts.down_proj.weight, sd], sw
 
 
-# ---- affine-quantized experts (WIP: written without a GPU, untested) ----------------------
+# ---- affine-quantized experts --------------------------------------------------------------
 # Packed codes ``uint32 [rows, in * BITS / 32]`` (value j of a word in bits [BITS*j, BITS*j +
 # BITS)), ``scales`` / ``biases`` ``[rows, in / GS]``: w = scale * q + bias per group. One
 # 16-byte load holds EPC = 128 / BITS codes, all in one group (GS % EPC == 0), so a chunk adds
