@@ -332,7 +332,7 @@ def test_fused_quantized_experts_equal_gather_qmm(bits, group_size, dtype, share
     res = _rand((2, 1, 256), dtype, 1.0, seed=18)
     assert moe_decode.quantized_experts_supported(x, experts, shared)
     assert not moe_decode.experts_supported(x, experts, shared)  # the quantized kernels, then
-    got = moe_decode.fused_quantized_experts(x, idx, wts, experts, shared, residual=res)
+    got = moe_decode.fused_experts(x, idx, wts, experts, shared, residual=res)
     stream = mx.cpu if dtype == mx.float32 else mx.gpu  # CPU is exact with float32 scales
     with mx.stream(stream):
         want = experts(x, idx, wts)

@@ -241,7 +241,8 @@ def fused_experts(
 
     Args:
         x: ``[..., D]``; indices / weights: ``[..., k]`` (int32 / float32).
-        experts: a ``SwitchGLU`` (float weights ``[E, I, D]`` / ``[E, D, I]``).
+        experts: a ``SwitchGLU`` (float weights ``[E, I, D]`` / ``[E, D, I]``, or affine 4/8-bit
+            quantized ones: ``experts_supported`` or ``quantized_experts_supported`` first).
         shared: an optional ``SwiGLU`` whose width is a multiple of ``I``.
         shared_weight: ``[..., 1]`` multiplier of the shared output (Qwen's sigmoid gate);
             default 1.
@@ -411,8 +412,8 @@ _DOWN_Q = r"""
 
 
 def quantized_experts_supported(x: mx.array, experts, shared) -> bool:
-    """``fused_quantized_experts`` runs here: CUDA, a few tokens, affine 4/8-bit experts (and
-    shared experts with the same settings), group boundaries on 16-byte loads."""
+    """``fused_experts`` runs here on quantized experts: CUDA, a few tokens, affine 4/8-bit
+    experts (and shared experts with the same settings), group boundaries on 16-byte loads."""
     import mlx.nn as nn
 
     from mlxllm.layers.moe import QuantizedSwitchLinear
@@ -437,20 +438,6 @@ def quantized_experts_supported(x: mx.array, experts, shared) -> bool:
         ok = ok and all((p.bits, p.group_size, p.mode) == (bits, gs, "affine") for p in sp)
         ok = ok and shared.gate_proj.scales.shape[0] % hid == 0
     return ok
-
-
-def fused_quantized_experts(
-    x: mx.array,
-    indices: mx.array,
-    weights: mx.array,
-    experts,
-    shared=None,
-    shared_weight: mx.array | None = None,
-    residual: mx.array | None = None,
-) -> mx.array:
-    """``fused_experts`` for affine-quantized experts (same arguments and result).
-    Twin: ``SwitchGLU`` over ``QuantizedSwitchLinear`` (``gather_qmm``) + ``SwiGLU``."""
-    return fused_experts(x, indices, weights, experts, shared, shared_weight, residual)
 
 
 def _qexperts_launch(x: mx.array, k: int, experts, shared, has_res: bool):
