@@ -174,9 +174,28 @@ def load_model(path: Path, dtype: mx.Dtype | None = None, lazy: bool = False) ->
         dtype: compute dtype for floating weights (default: ``default_dtype()``).
         lazy: leave weights unevaluated (read on first use).
     """
-    config = load_config(path)
+    config, weights = load_config(path), load_weights(path)
+    return model_from_weights(config, weights, dtype, lazy, f"weights in {path}")
+
+
+def model_from_weights(
+    config: dict,
+    weights: dict[str, mx.array],
+    dtype: mx.Dtype | None = None,
+    lazy: bool = False,
+    source: str = "the weights",
+) -> nn.Module:
+    """``load_model`` on a config dict and checkpoint tensors already in memory (named as
+    stored: Hugging Face or MLX layout).
+
+    Args:
+        config: the ``config.json`` dict.
+        weights: tensor name -> array, as a checkpoint stores them.
+        dtype, lazy: as for ``load_model``.
+        source: what the weights came from, for error messages.
+    """
     model = build_model(config)
-    weights = model.sanitize(dequant_fp8_weights(load_weights(path)))
+    weights = model.sanitize(dequant_fp8_weights(weights))
     # weights a family keeps aside (DeepSeek-V3's MTP layers): held lazily, never evaluated here
     aside = model.set_aside(weights) if hasattr(model, "set_aside") else {}
     if "quantization" in config:
@@ -188,7 +207,7 @@ def load_model(path: Path, dtype: mx.Dtype | None = None, lazy: bool = False) ->
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise MlxllmError(
-            f"weights in {path} do not match the {config['model_type']} architecture: "
+            f"{source} do not match the {config['model_type']} architecture: "
             f"{str(e).splitlines()[0][:300]}"
         ) from None
     model.eval()

@@ -98,9 +98,17 @@ def hf_config(variant: str):
 
 
 def make_tiny_hf(
-    variant: str, out: Path, seed: int = 0, tokenizer_from: Path | None = None, std: float = 0.1
+    variant: str,
+    out: Path,
+    seed: int = 0,
+    tokenizer_from: Path | None = None,
+    std: float = 0.1,
+    tokenizer: bool = True,
 ):
-    """Save a random float32 transformers model; returns the torch model (eval mode)."""
+    """Save a random float32 transformers model; returns the torch model (eval mode).
+
+    ``tokenizer``: copy the SmolLM2 fixture's tokenizer files (or ``tokenizer_from``'s) beside
+    the weights; not needed by ``load_model`` (the GPU machine has no fixtures)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -113,6 +121,8 @@ def make_tiny_hf(
             if "norm" not in name:
                 p.normal_(0, std)
     model.save_pretrained(out, safe_serialization=True)
+    if not tokenizer:
+        return model
     src = tokenizer_from or fixture_model(SMOL)
     for f in TOKENIZER_FILES:
         if (src / f).exists():

@@ -189,11 +189,15 @@ def _sort_by_expert(x: mx.array, indices: mx.array):
 
     Returns (rows ``[N*k, 1, D]``, sorted expert ids ``[N*k]``, inverse permutation).
     """
-    k = indices.shape[-1]
+    k, D = indices.shape[-1], x.shape[-1]
     flat = indices.flatten()
     order = mx.stop_gradient(mx.argsort(flat))
     inverse = mx.stop_gradient(mx.argsort(order))
-    rows = x[order // k][:, None]  # token of each (token, slot) pair, grouped by expert
+    # footgun: the size-1 axis must come from a reshape, not from ``[:, None]``. An added axis
+    # gets stride 1, and MLX-CUDA's sorted gather_mm (<= 0.32.4) takes the rows' stride from it:
+    # every row but the first is read from the wrong place (Metal had the same defect before
+    # 0.32.1, mlx#3960). A reshape of the contiguous gather gives that axis the stride D.
+    rows = x[order // k].reshape(-1, 1, D)  # token of each (token, slot) pair, by expert
     return rows, flat[order], inverse
 
 
