@@ -15,7 +15,8 @@ from rich.text import Text
 
 HELP = (
     "Commands: /reset (forget the conversation), /system TEXT (set the system prompt and reset), "
-    '/exit. Multi-line: start and end with """, or end a line with \\.'
+    '/exit, /help. Multi-line: start and end with """, or end a line with \\. A message that '
+    "begins with / starts with //."
 )
 
 
@@ -192,6 +193,15 @@ class ChatSession:
             if cmd in ("/help", "/?"):
                 self.console.print(f"[dim]{HELP}[/]")
                 continue
+            if cmd.startswith("/") and not cmd.startswith("//"):
+                # a typo'd command must not reach the model as a message
+                self.console.print(
+                    f"[yellow]unknown command {cmd.split()[0]}[/] [dim](/help lists them; "
+                    "start with // to send a message that begins with /)[/]"
+                )
+                continue
+            if cmd.startswith("//"):
+                text = text.replace("//", "/", 1)
             last = self.reply(text)
             if last is not None:
                 self.console.print(

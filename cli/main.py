@@ -33,29 +33,63 @@ def _fail(msg: str, code: int = 1):
 
 @contextlib.contextmanager
 def _user_errors(interrupted: str | None = None):
-    """Errors caused by input or environment become one red line and exit 1; with
-    ``interrupted``, Ctrl-C prints it and exits 130. Anything else is a bug: traceback."""
-    from mlxllm.errors import MlxllmError
+    """The one place where errors become CLI output. Errors caused by input or environment
+    (``MlxllmError`` and its kinds, the operating system's: a full disk, a permission) become one
+    red line and exit 1; with ``interrupted``, Ctrl-C prints it and exits 130. Anything else is
+    a bug: traceback."""
+    from mlxllm.errors import MlxllmError, os_error_line
 
     try:
         yield
-    except (MlxllmError, FileNotFoundError) as e:
+    except MlxllmError as e:
         _fail(str(e))
+    except OSError as e:
+        _fail(os_error_line(e))
     except KeyboardInterrupt:
         if interrupted is None:
             raise
         _fail(interrupted, 130)
 
 
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _check_dtype(dtype: str | None):
+    if dtype is not None and dtype not in DTYPES:
+        _fail(f"--dtype {dtype}: use {', '.join(DTYPES)}")
+
+
 def _load(model: str, dtype: str | None):
-    if dtype and dtype not in ("float32", "float16", "bfloat16"):
-        _fail(f"unknown --dtype {dtype!r}; use float32, float16 or bfloat16")
-    with _user_errors():
-        import mlx.core as mx
+    import mlx.core as mx
 
-        from mlxllm.loader import load
+    from mlxllm.loader import load
 
-        return load(model, dtype=getattr(mx, dtype) if dtype else None)
+    return load(model, dtype=getattr(mx, dtype) if dtype else None)
+
+
+def _read_prompt(prompt: str) -> str:
+    """``-p`` text, or stdin for ``-`` (read as bytes: invalid UTF-8 is one clear line)."""
+    from mlxllm.errors import InvalidArgument
+
+    if prompt == "-":
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+        if isinstance(data, str):
+            return data
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidArgument(
+                f"the prompt on stdin is not UTF-8 text (byte {data[e.start]:#04x} at offset "
+                f"{e.start}); convert it first, e.g. iconv -f latin1 -t utf-8"
+            ) from None
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # argv bytes that were not UTF-8 (surrogate escapes)
+        raise InvalidArgument(
+            f"the prompt is not UTF-8 text (at character {e.start}); pass UTF-8, or pipe the "
+            "text through iconv and -p -"
+        ) from None
+    return prompt
 
 
 def _sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed) -> dict:
@@ -89,8 +123,7 @@ def _apply_adapter(model, adapter: str | None):
         return model
     from mlxllm.lora.layers import load_adapter
 
-    with _user_errors():
-        return load_adapter(model, adapter)
+    return load_adapter(model, adapter)
 
 
 @app.command()
@@ -114,34 +147,38 @@ def generate(
     adapter: str | None = Adapter,
 ):
     """Generate text for one prompt and stream it to stdout."""
-    if prompt == "-":
-        prompt = sys.stdin.read()
-    m, tok = _load(model, dtype)
-    m = _apply_adapter(m, adapter)
+    from mlxllm.generation.sample import check_sampling
+
+    sampling = _sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed)
+    with _user_errors():
+        _check_dtype(dtype)
+        check_sampling(**sampling, max_tokens=max_tokens)  # before any model loads
+        prompt = _read_prompt(prompt)
+        m, tok = _load(model, dtype)
+        m = _apply_adapter(m, adapter)
     from mlxllm.generation.stream import stream_generate
 
     use_template = not no_chat_template and tok.chat_template is not None
     if not no_chat_template and tok.chat_template is None and verbose:
         typer.echo("(no chat template in this model: sending the raw prompt)", err=True)
     last = None
-    try:
-        for last in stream_generate(
-            m,
-            tok,
-            prompt,
-            max_tokens=max_tokens,
-            system=system,
-            stop=stop,
-            chat_template=use_template,
-            **_sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed),
-        ):
-            sys.stdout.write(last.text)
-            sys.stdout.flush()
-    except ValueError as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        sys.stdout.write("\n")
-        raise typer.Exit(130) from None
+    with _user_errors():
+        try:
+            for last in stream_generate(
+                m,
+                tok,
+                prompt,
+                max_tokens=max_tokens,
+                system=system,
+                stop=stop,
+                chat_template=use_template,
+                **sampling,
+            ):
+                sys.stdout.write(last.text)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+            raise typer.Exit(130) from None
     sys.stdout.write("\n")
     if verbose and last is not None:
         typer.echo(
@@ -167,20 +204,21 @@ def chat(
     adapter: str | None = Adapter,
 ):
     """Chat in the terminal; the KV cache is kept across turns."""
-    m, tok = _load(model, dtype)
-    m = _apply_adapter(m, adapter)
+    from mlxllm.generation.sample import check_sampling
+
+    sampling = _sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed)
+    with _user_errors():
+        _check_dtype(dtype)
+        check_sampling(**sampling, max_tokens=max_tokens)  # before any model loads
+        m, tok = _load(model, dtype)
+        m = _apply_adapter(m, adapter)
     if tok.chat_template is None:
         _fail(f"{model} has no chat template; use `mlxllm generate --no-chat-template` instead")
     from mlxllm.cli.chat import ChatSession
 
-    session = ChatSession(
-        m,
-        tok,
-        system=system,
-        max_tokens=max_tokens,
-        sampling=_sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed),
-    )
-    session.repl()
+    session = ChatSession(m, tok, system=system, max_tokens=max_tokens, sampling=sampling)
+    with _user_errors():
+        session.repl()
 
 
 @app.command()
@@ -188,13 +226,17 @@ def convert(
     src: str = typer.Argument(..., help="Hugging Face folder, repo id or alias."),
     out: str = typer.Option(..., "--out", "-o", help="Output folder."),
     bits: int | None = typer.Option(None, "--bits", "-q", help="Quantize: 2, 3, 4, 5, 6 or 8."),
-    group_size: int = typer.Option(64, "--group-size", help="Quantization group: 32, 64, 128."),
+    group_size: int | None = typer.Option(
+        None, "--group-size", help="Quantization group: 32, 64 (default) or 128."
+    ),
     dtype: str | None = typer.Option(None, "--dtype", help="bfloat16, float16 or float32."),
     recipe: str | None = typer.Option(
         None, "--recipe", help="uniform, or mixed_4_6 (4-bit with sensitive layers at 6)."
     ),
     mode: str = typer.Option("affine", "--mode", help="affine, mxfp4, mxfp8 or nvfp4."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace OUT if it is an earlier mlxllm output (or empty)."
+    ),
     allow_pickle: bool = typer.Option(
         False, "--allow-pickle", help="Read pickled *.bin weights (can run code: trusted only)."
     ),
@@ -239,6 +281,9 @@ def finetune(
         "MLP or a MoE's experts).",
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue from --adapter-path."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace a trained adapter in --adapter-path (else refused)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seeds adapter init, data order and dropout."),
     max_seq_length: int = typer.Option(2048, "--max-seq-length", help="Truncate examples."),
     save_every: int = typer.Option(100, "--save-every", help="Steps between checkpoints."),
@@ -257,6 +302,7 @@ def finetune(
     """Train a LoRA (QLoRA on a quantized model, DoRA with --dora) adapter."""
     interrupted = f"interrupted; the last checkpoint in {adapter_path} is intact (--resume)"
     with _user_errors(interrupted):
+        _check_dtype(dtype)
         import mlx.core as mx
 
         from mlxllm.lora.train import finetune as run_finetune
@@ -285,6 +331,7 @@ def finetune(
             mask_prompt=mask_prompt,
             grad_checkpoint=grad_checkpoint,
             compiled=compiled,
+            force=force,
         )
 
 
@@ -294,10 +341,14 @@ def fuse(
     adapter: str = typer.Option(..., "--adapter", help="Adapter folder."),
     out: str = typer.Option(..., "--out", "-o", help="Output model folder."),
     bits: int | None = typer.Option(None, "--bits", "-q", help="Re-quantize to this many bits."),
-    group_size: int = typer.Option(64, "--group-size", help="Quantization group size."),
+    group_size: int | None = typer.Option(
+        None, "--group-size", help="Quantization group size with --bits (default 64)."
+    ),
     dequantize: bool = typer.Option(False, "--dequantize", help="Write float weights."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32, float16 or bfloat16."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace OUT if it is an earlier mlxllm output (or empty)."
+    ),
 ):
     """Merge an adapter into its base model and write a model folder."""
     from mlxllm.lora import fuse as run_fuse

@@ -9,7 +9,6 @@ failure or Ctrl-C leaves no OUT behind and an existing OUT is only replaced with
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
@@ -33,38 +32,31 @@ DTYPES = ("bfloat16", "float16", "float32")
 _LAYER_PREFIX = re.compile(r"(.*?\.layers\.\d+)\.")
 
 
-def check_output(out, force: bool, bits: int | None, dtype: str | None) -> Path:
+BITS = (2, 3, 4, 5, 6, 8)  # what MLX's affine quantization packs
+GROUP_SIZES = (32, 64, 128)
+
+
+def check_settings(bits: int | None, dtype: str | None, group_size: int | None = None) -> None:
     """Validate the settings shared by ``convert`` and ``fuse`` before any work starts."""
-    out = Path(out).expanduser()
-    if out.exists() and not force:
-        raise MlxllmError(f"{out} already exists; pass --force to replace it")
-    if bits is not None and not 2 <= bits <= 8:
-        raise MlxllmError(f"--bits {bits} is not supported; use 2, 3, 4, 5, 6 or 8")
+    if bits is not None and bits not in BITS:
+        raise MlxllmError(f"--bits {bits} is not supported; use {', '.join(map(str, BITS))}")
+    if group_size is not None and group_size not in GROUP_SIZES:
+        sizes = ", ".join(map(str, GROUP_SIZES))
+        raise MlxllmError(f"--group-size {group_size} is not supported; use {sizes}")
     if dtype is not None and dtype not in DTYPES:
         raise MlxllmError(f"--dtype {dtype} is not supported; use {', '.join(DTYPES)}")
-    return out
 
 
-@contextlib.contextmanager
-def staged_output(out: Path):
-    """Yield a temporary sibling of ``out`` to write into. On success it takes ``out``'s place
-    (an existing ``out`` is removed only then); on any failure, Ctrl-C included, it is deleted,
-    so a half-written model never appears under ``out``."""
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def check_not_quantized(config: dict, path: Path) -> None:
+    """Refuse a source that is already quantized (an MLX layout, GPTQ/AWQ/bitsandbytes...):
+    its packed weights cannot be quantized again. FP8 checkpoints are dequantized instead."""
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if "quantization" in config or (method is not None and method != "fp8"):
+        what = f"{method}-" if method and "quantization" not in config else ""
+        raise MlxllmError(
+            f"{path} is already {what}quantized; convert from the original float checkpoint "
+            "(or use it as it is: mlxllm loads MLX-quantized folders directly)"
+        )
 
 
 def _source_files(src: Path, allow_pickle: bool) -> list[Path]:
@@ -110,7 +102,7 @@ def convert(
     src: str | os.PathLike,
     out: str | os.PathLike,
     bits: int | None = None,
-    group_size: int = 64,
+    group_size: int | None = None,
     dtype: str | None = None,
     recipe: str | None = None,
     mode: str = "affine",
@@ -123,9 +115,11 @@ def convert(
 
     Args:
         src: local HF folder, Hub repo id or alias.
-        out: output folder (must not exist unless ``force``).
-        bits: quantize to this many bits (2-8); None keeps float weights (unless ``recipe``).
-        group_size: elements per quantization group (32, 64 or 128).
+        out: output folder: new, or with ``force`` empty or an earlier output of mlxllm's; never
+            the source, the current folder or a folder holding other files (``mlxllm.output``).
+        bits: quantize to this many bits (2, 3, 4, 5, 6 or 8); None keeps float weights
+            (unless ``recipe`` or an MX ``mode``).
+        group_size: elements per quantization group (32, 64 or 128; default 64).
         dtype: dtype of float tensors and scales (default: the source's half type, else bf16).
         recipe: ``uniform`` or ``mixed_4_6`` (implies 4-bit).
         mode: ``affine`` or an MX format (``mxfp4``, ``mxfp8``, ``nvfp4``).
@@ -143,18 +137,41 @@ def convert(
     from mlxllm.models import build_model
     from mlxllm.models.base import normalize_rope
     from mlxllm.models.transforms import dequant_fp8_weights
-    from mlxllm.quant import make_predicate, quantization_config, supported_modes
+    from mlxllm.output import check_output, staged_output
+    from mlxllm.quant import (
+        MODE_DEFAULTS,
+        RECIPES,
+        make_predicate,
+        quantization_config,
+        supported_modes,
+    )
 
-    out = check_output(out, force, bits, dtype)
-    if group_size not in (16, 32, 64, 128):
-        raise MlxllmError(f"--group-size {group_size} is not supported; use 32, 64 or 128")
+    check_settings(bits, dtype, group_size if mode == "affine" else None)
     if mode != "affine" and mode not in supported_modes():
-        raise MlxllmError(f"mode {mode!r} is not supported by this MLX; use affine")
+        modes = ", ".join(supported_modes())
+        raise MlxllmError(f"--mode {mode!r} is not supported by this MLX; use one of {modes}")
+    if mode != "affine":
+        fixed = MODE_DEFAULTS[mode]
+        asked = {"bits": bits, "group_size": group_size}
+        clash = [k for k, v in asked.items() if v is not None and v != fixed[k]]
+        if clash:
+            raise MlxllmError(
+                f"--mode {mode} fixes {fixed['bits']} bits and group size {fixed['group_size']}; "
+                f"drop --{clash[0].replace('_', '-')}"
+            )
+    if recipe is not None and recipe not in RECIPES:
+        raise MlxllmError(f"--recipe {recipe!r} is unknown; use {' or '.join(RECIPES)}")
+    if recipe == "mixed_4_6" and (mode != "affine" or bits not in (None, 4)):
+        raise MlxllmError("--recipe mixed_4_6 is 4-bit affine (6 bits where it matters); drop "
+                          "--bits/--mode")
+    group_size = group_size or 64
 
     # 1. validate everything before writing anything
     path = resolve(src)
+    out = check_output(out, force, sources=[path])
     config = load_config(path)
     config.pop("_generation_config", None)
+    check_not_quantized(config, path)
     model = build_model(config)  # lazy parameters: nothing is allocated
     files = _source_files(path, allow_pickle)
     headers = {f: read_header(f) for f in files if f.suffix == ".safetensors"}
@@ -171,7 +188,7 @@ def convert(
     modules = dict(model.named_modules())
 
     # 2. stream shards into a temporary sibling folder that replaces OUT only when complete
-    with staged_output(out) as tmp:
+    with staged_output(out, "convert") as tmp:
         chosen: dict[str, dict] = {}
         progress_bar = _progress(progress)
         task = None
@@ -224,13 +241,7 @@ def convert(
         for name in COPY_FILES:
             if (path / name).exists():
                 shutil.copy(path / name, tmp / name)
-        settings = {
-            "source": str(src),
-            "dtype": dtype,
-            "quantization": (f"{recipe or 'uniform'}, {bits or 4}-bit, group {group_size}, {mode}")
-            if chosen
-            else "none",
-        }
+        settings = {"source": str(src), "dtype": dtype, "quantization": _describe(chosen)}
         (tmp / "README.md").write_text(_model_card(str(src), settings))
     return out
 
@@ -261,6 +272,18 @@ def _plan(weights: dict, modules: dict, predicate, out_dtype, chosen: dict) -> l
         outputs += [(name, packed), (f"{mpath}.scales", _cast(scales, out_dtype))]
         outputs += [(f"{mpath}.biases", b.astype(out_dtype)) for b in biases[:1]]
     return outputs
+
+
+def _describe(chosen: dict[str, dict]) -> str:
+    """What the quantized layers actually got: ``"4-bit group 64 affine"`` (the most common
+    setting), plus how many layers differ."""
+    if not chosen:
+        return "none"
+    settings = [(q["bits"], q["group_size"], q["mode"]) for q in chosen.values()]
+    common = max(set(settings), key=settings.count)
+    text = f"{common[0]}-bit, group {common[1]}, {common[2]}"
+    others = len(settings) - settings.count(common)
+    return text + (f" ({others} layers at other settings)" if others else "")
 
 
 def _group(key: str) -> str:

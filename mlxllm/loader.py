@@ -79,6 +79,21 @@ def download(repo_id: str, revision: str | None = None) -> Path:
     return Path(path)
 
 
+def _local_hint(p: Path) -> str | None:
+    """Why ``p`` looks like a local path that is not a model folder (None: it does not)."""
+    if p.is_file():
+        return f"{p} is a file; pass the model folder that holds config.json"
+    parent = p.parent
+    if str(parent) in ("", ".") or not parent.is_dir():
+        return None
+    import difflib
+
+    names = [c.name for c in parent.iterdir() if c.is_dir()]
+    close = difflib.get_close_matches(p.name, names, n=1)
+    hint = f" (did you mean {parent / close[0]}?)" if close else ""
+    return f"no model folder {p}{hint}"
+
+
 def resolve(name: str | os.PathLike, revision: str | None = None) -> Path:
     """Local folder, alias or Hub repo id -> local folder holding config.json."""
     p = Path(name).expanduser()
@@ -89,6 +104,11 @@ def resolve(name: str | os.PathLike, revision: str | None = None) -> Path:
             )
         return p
     name = str(name)
+    # a path whose folder exists here (./out/model-4bitt, out/model) or a file is a typo'd
+    # local path, not a Hub repo id
+    hint = _local_hint(p)
+    if hint is not None:
+        raise MlxllmError(hint)
     repo = resolve_alias(name)
     if repo is None and _is_repo_id(name):
         repo = name
@@ -103,16 +123,25 @@ def resolve(name: str | os.PathLike, revision: str | None = None) -> Path:
     return path
 
 
-def load_config(path: Path) -> dict:
+def _read_json_object(path: Path, what: str) -> dict:
+    """A JSON file that must hold an object, or one line naming the file and the fix."""
     try:
-        config = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MlxllmError(f"{path} is not valid JSON ({e}); fix or re-download it") from None
+    if not isinstance(data, dict):
         raise MlxllmError(
-            f"{path / 'config.json'} is not valid JSON ({e}); fix or re-download"
-        ) from None
+            f"{path} holds a JSON {type(data).__name__}, not the object a {what} is; "
+            "fix or re-download it"
+        )
+    return data
+
+
+def load_config(path: Path) -> dict:
+    config = _read_json_object(path / "config.json", "model config")
     gen = path / "generation_config.json"
     if gen.exists():
-        config["_generation_config"] = json.loads(gen.read_text())
+        config["_generation_config"] = _read_json_object(gen, "generation config")
     return config
 
 
@@ -120,7 +149,14 @@ def weight_files(path: Path) -> list[Path]:
     """The safetensors shards, checked against the index when there is one."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = _read_json_object(index, "weight index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise MlxllmError(
+                f"{index} has no weight_map of tensor names to files; fix or re-download it"
+            )
+        names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (path / n).exists()]
         if missing:
             raise MlxllmError(
@@ -175,7 +211,25 @@ def load_model(path: Path, dtype: mx.Dtype | None = None, lazy: bool = False) ->
         lazy: leave weights unevaluated (read on first use).
     """
     config, weights = load_config(path), load_weights(path)
-    return model_from_weights(config, weights, dtype, lazy, f"weights in {path}")
+    return model_from_weights(config, weights, dtype, lazy, str(path))
+
+
+def check_dtypes(model: nn.Module, weights: dict, source: str) -> None:
+    """A tensor stored as integers where the model computes with floats (or the reverse) is a
+    corrupt or foreign checkpoint: refuse it rather than cast garbage into the model."""
+    from mlx.utils import tree_flatten
+
+    expected = dict(tree_flatten(model.parameters()))  # shapes and dtypes only: nothing runs
+    for k, v in weights.items():
+        want = expected.get(k)
+        if want is None:
+            continue  # load_weights names what does not belong
+        if mx.issubdtype(want.dtype, mx.floating) != mx.issubdtype(v.dtype, mx.floating):
+            raise MlxllmError(
+                f"tensor {k} in {source} is stored as {v.dtype}, but the model needs "
+                f"{'floating point' if mx.issubdtype(want.dtype, mx.floating) else want.dtype}; "
+                "the checkpoint is corrupt or not for this architecture"
+            )
 
 
 def model_from_weights(
@@ -183,7 +237,7 @@ def model_from_weights(
     weights: dict[str, mx.array],
     dtype: mx.Dtype | None = None,
     lazy: bool = False,
-    source: str = "the weights",
+    source: str = "memory",
 ) -> nn.Module:
     """``load_model`` on a config dict and checkpoint tensors already in memory (named as
     stored: Hugging Face or MLX layout).
@@ -192,7 +246,7 @@ def model_from_weights(
         config: the ``config.json`` dict.
         weights: tensor name -> array, as a checkpoint stores them.
         dtype, lazy: as for ``load_model``.
-        source: what the weights came from, for error messages.
+        source: where the weights came from (a folder), for error messages.
     """
     model = build_model(config)
     weights = model.sanitize(dequant_fp8_weights(weights))
@@ -202,12 +256,13 @@ def model_from_weights(
         from mlxllm.quant import quantize_from_config
 
         quantize_from_config(model, config["quantization"], weights)
+    check_dtypes(model, weights, source)
     weights = cast_weights(weights, dtype or default_dtype())
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise MlxllmError(
-            f"{source} do not match the {config['model_type']} architecture: "
+            f"weights in {source} do not match the {config['model_type']} architecture: "
             f"{str(e).splitlines()[0][:300]}"
         ) from None
     model.eval()

@@ -12,8 +12,11 @@ used (and tested) on any machine.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import re
+import threading
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +27,8 @@ from jinja2 import nodes
 from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from mlxllm.errors import MlxllmError
 
 __all__ = [
     "ChatTemplateError",
@@ -39,8 +44,9 @@ _REPLACEMENT = "\ufffd"
 _MAX_PENDING = 8
 
 
-class ChatTemplateError(ValueError, TemplateError):
-    """Raised by ``raise_exception(...)`` inside a chat template, or when no template exists."""
+class ChatTemplateError(MlxllmError, ValueError, TemplateError):
+    """A chat template that cannot render: ``raise_exception(...)`` inside it, a syntax error,
+    an unsafe or unbounded operation, a timeout, or no template at all."""
 
     def __init__(self, message: str) -> None:
         TemplateError.__init__(self, message)
@@ -55,11 +61,17 @@ class ChatTemplateError(ValueError, TemplateError):
 
 
 def _read_json(path: Path) -> dict:
+    """An optional JSON object file ({} when absent); a malformed one is one clear error."""
     if not path.is_file():
         return {}
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    return data if isinstance(data, dict) else {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MlxllmError(f"{path} is not valid JSON ({e}); fix or re-download it") from None
+    if not isinstance(data, dict):
+        raise MlxllmError(f"{path} holds a JSON {type(data).__name__}, not an object; fix it")
+    return data
 
 
 def _token_str(value: Any) -> str | None:
@@ -112,7 +124,12 @@ class _HFBackend:
         # tokenizer.json's own post-processor decides what add_special_tokens adds (BOS for
         # Llama-style checkpoints, nothing for Qwen2); transformers 5 does the same and ignores
         # add_bos_token / add_eos_token in tokenizer_config.json for tokenizer.json checkpoints.
-        self.tok = tokenizers.Tokenizer.from_file(str(path))
+        try:
+            self.tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+            raise MlxllmError(
+                f"{path} is not a valid tokenizer file ({e}); re-download it"
+            ) from None
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -144,7 +161,12 @@ class _SPBackend:
     ) -> None:
         import sentencepiece
 
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except (OSError, RuntimeError) as e:
+            raise MlxllmError(
+                f"{path} is not a valid sentencepiece model ({e}); re-download it"
+            ) from None
         self.n_pieces = self.sp.get_piece_size()
         self.add_bos = bool(config.get("add_bos_token", True))
         self.add_eos = bool(config.get("add_eos_token", False))
@@ -252,14 +274,112 @@ class _GenerationTag(Extension):
         return nodes.Scope(body, lineno=lineno)
 
 
+# A chat template comes with the model, so it is untrusted code: besides the sandbox's rules it
+# gets a time limit and a bound on what it may build (a template that loops for hours, or asks
+# for 'a' * 2000000000, must fail in seconds with one line, not hang the CLI or fill memory).
+TEMPLATE_MAX_SECONDS = 5.0
+TEMPLATE_MAX_CHARS = 1 << 25  # 32M characters of output (several million tokens)
+_MAX_EXPONENT = 4096
+
+
+def _too_big(n: Any) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and abs(n) > TEMPLATE_MAX_CHARS
+
+
+def _bounded(name: str, fn: Callable) -> Callable:
+    """A filter or function that refuses integer arguments beyond the output bound (widths,
+    counts: ``center(2000000000)``)."""
+
+    @functools.wraps(fn)  # keeps jinja's pass_context / pass_environment marks
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if any(_too_big(a) for a in (*args, *kwargs.values())):
+            raise SecurityError(f"{name}() with a size beyond {TEMPLATE_MAX_CHARS} is refused")
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
 class _ChatSandbox(ImmutableSandboxedEnvironment):
-    """Immutable sandbox that raises at once on unsafe attribute access, instead of returning an
-    undefined value that would print as an empty string."""
+    """Immutable sandbox that raises at once on unsafe attribute access (instead of returning an
+    undefined value that would print as an empty string) and refuses operations that would build
+    values beyond ``TEMPLATE_MAX_CHARS``."""
+
+    intercepted_binops = frozenset({"*", "**", "%"})
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
         raise SecurityError(
             f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
         )
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                    if len(seq) * n > TEMPLATE_MAX_CHARS:
+                        raise SecurityError(
+                            f"a {type(seq).__name__} of {len(seq) * n} items is beyond the "
+                            f"template bound of {TEMPLATE_MAX_CHARS}"
+                        )
+        if operator == "**" and isinstance(right, int) and abs(right) > _MAX_EXPONENT:
+            raise SecurityError(f"an exponent of {right} is refused")
+        if operator == "%" and isinstance(left, str) and re.search(r"\d{8,}", left):
+            raise SecurityError("a format width beyond the template bound is refused")
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        if any(_too_big(a) for a in (*args, *kwargs.values())):
+            raise SecurityError(f"a call with a size beyond {TEMPLATE_MAX_CHARS} is refused")
+        # str.format arrives wrapped by the sandbox (its formatter); the string is the bound
+        # method's __self__, on the wrapper's __wrapped__
+        method = getattr(__obj, "__wrapped__", __obj)
+        if getattr(method, "__name__", "") in ("format", "format_map"):
+            text = getattr(method, "__self__", None)
+            if isinstance(text, str) and re.search(r"\d{8,}", text):
+                raise SecurityError("a format width beyond the template bound is refused")
+        return super().call(__context, __obj, *args, **kwargs)
+
+
+class _TemplateTimeout(BaseException):
+    """Raised inside a rendering thread past its time limit (a BaseException, so that no
+    ``except Exception`` on the way swallows it)."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise ``_TemplateTimeout`` in this thread once ``seconds`` have passed.
+
+    A watchdog thread sets an asynchronous exception on this thread (CPython's
+    ``PyThreadState_SetAsyncExc``), which pure-Python code, as compiled templates are, sees
+    within a few bytecodes. Leaving the block in time cancels it; an exception set but not yet
+    delivered is withdrawn under the same lock, so it never lands after the block.
+    """
+    import ctypes
+
+    set_async_exc = getattr(getattr(ctypes, "pythonapi", None), "PyThreadState_SetAsyncExc", None)
+    if set_async_exc is None:  # not CPython: the other bounds still apply
+        yield
+        return
+    tid = ctypes.c_ulong(threading.get_ident())
+    lock = threading.Lock()
+    state = {"done": False, "fired": False}
+
+    def fire():
+        with lock:
+            if not state["done"]:
+                state["fired"] = True
+                set_async_exc(tid, ctypes.py_object(_TemplateTimeout))
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        with lock:
+            state["done"] = True
+            if state["fired"]:
+                set_async_exc(tid, None)  # NULL: drop an exception not delivered yet
+        timer.cancel()
 
 
 def _raise_exception(message: Any) -> None:
@@ -291,6 +411,10 @@ def _chat_environment() -> jinja2.Environment:
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    env.filters = {k: _bounded(k, f) for k, f in env.filters.items()}
+    for k, f in list(env.globals.items()):
+        if callable(f) and not isinstance(f, type):
+            env.globals[k] = _bounded(k, f)
     return env
 
 
@@ -490,9 +614,20 @@ class Tokenizer:
                 "pass --no-chat-template to use the raw prompt"
             )
         if self._compiled_template is None or self._compiled_template[0] != self.chat_template:
-            compiled = _chat_environment().from_string(self.chat_template)
+            try:
+                compiled = _chat_environment().from_string(self.chat_template)
+            except TemplateError as e:
+                raise self._failed(e) from None
             self._compiled_template = (self.chat_template, compiled)
         return self._compiled_template[1]
+
+    def _failed(self, e: BaseException) -> ChatTemplateError:
+        line = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+        what = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return ChatTemplateError(
+            f"the chat template of {self.path} failed{line}: {what}; fix the template or "
+            "pass --no-chat-template"
+        )
 
     def apply_chat_template(
         self,
@@ -516,7 +651,23 @@ class Tokenizer:
             if value is not None:
                 variables[key] = value
         variables.update(kwargs)
-        return template.render(**variables)
+        parts, size = [], 0
+        try:
+            with _time_limit(TEMPLATE_MAX_SECONDS):
+                for part in template.generate(**variables):
+                    size += len(part)
+                    if size > TEMPLATE_MAX_CHARS:
+                        raise SecurityError(f"output beyond {TEMPLATE_MAX_CHARS} characters")
+                    parts.append(part)
+        except ChatTemplateError:
+            raise  # raise_exception() in the template: its own message
+        except _TemplateTimeout:
+            raise self._failed(
+                TimeoutError(f"still rendering after {TEMPLATE_MAX_SECONDS:.0f} s")
+            ) from None
+        except Exception as e:  # the template's own code failed: never a traceback
+            raise self._failed(e) from None
+        return "".join(parts)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -213,26 +213,29 @@ def bits_per_weight(weights: dict[str, mx.array], qconfig: dict) -> float:
 
 
 def dequantize_model(model: nn.Module, dtype: mx.Dtype = mx.float32) -> nn.Module:
-    """Replace quantized layers by float layers holding the dequantized weights (in place).
+    """Replace quantized layers by float layers holding the dequantized weights (in place):
+    linears, embeddings and stacked experts.
 
     The values are exactly what the quantized layer computes with (codes x scales + biases), so
     evaluation results are unchanged up to summation order; on MLX's CPU backend the float path
     uses BLAS and is much faster for long inputs.
     """
-    replace = []
-    for path, m in model.named_modules():
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            replace.append((path, m))
+    from mlxllm.layers.moe import QuantizedSwitchLinear, SwitchLinear
+
+    kinds = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)
+    replace = [(path, m) for path, m in model.named_modules() if isinstance(m, kinds)]
     for path, m in replace:
         w = mx.dequantize(
             m.weight, m.scales, m.get("biases"), m.group_size, m.bits, mode=m.mode
         ).astype(dtype)
-        if isinstance(m, nn.QuantizedLinear):
+        if isinstance(m, QuantizedSwitchLinear):
+            new = SwitchLinear(w.shape[2], w.shape[1], w.shape[0], bias="bias" in m)
+        elif isinstance(m, nn.QuantizedLinear):
             new = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
-            if "bias" in m:
-                new.bias = m.bias.astype(dtype)
         else:
             new = nn.Embedding(w.shape[0], w.shape[1])
+        if "bias" in m:
+            new.bias = m.bias.astype(dtype)
         new.weight = w
         model.update_modules(_nested(path, new))
     return model

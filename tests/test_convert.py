@@ -204,7 +204,8 @@ def _cli_fails(args, out, needle):
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
     assert res.exit_code == 1, res.output
     assert len(lines) == 1 and needle in lines[0], res.stderr
-    assert _no_leftovers(out.parent, out.name) == [] or out.exists() and needle == "exists"
+    left = _no_leftovers(out.parent, out.name)
+    assert left == [] or left == [out.name] and needle in ("exists", "did not write")
 
 
 def test_bad_input_is_one_line_and_leaves_nothing(hf, tmp_path):
@@ -237,9 +238,17 @@ def test_bad_input_is_one_line_and_leaves_nothing(hf, tmp_path):
     (out / "keep.txt").write_text("precious")
     _cli_fails([str(bad)], out, "exists")
     assert (out / "keep.txt").read_text() == "precious"
-    res = runner.invoke(app, ["convert", str(bad), "-o", str(out), "--force", "-q", "8"])
-    assert res.exit_code == 0, res.output
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    # --force replaces only an empty folder or an earlier output of ours: never foreign files
+    _cli_fails([str(bad), "--force"], out, "did not write")
+    assert (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()
+    for _ in range(2):  # the empty folder, then our own earlier output
+        res = runner.invoke(app, ["convert", str(bad), "-o", str(out), "--force", "-q", "8"])
+        assert res.exit_code == 0, res.output
+        assert (out / "config.json").exists() and (out / ".mlxllm-output.json").exists()
+    (out / "notes.txt").write_text("mine")  # added to our output: foreign again
+    _cli_fails([str(bad), "--force"], out, "did not write")
+    assert (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in work.iterdir()) == ["bad", "out"]  # no temp folders
 
 

@@ -5,9 +5,12 @@ Nothing here knows about models, caches or text.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import mlx.core as mx
+
+from mlxllm.errors import InvalidArgument
 
 Sampler = Callable[[mx.array], mx.array]
 
@@ -47,14 +50,42 @@ def apply_min_p(logits: mx.array, min_p: float) -> mx.array:
     return mx.where(logprobs < cutoff, -mx.inf, logits)
 
 
+def check_sampling(
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    max_tokens: int | None = None,
+) -> None:
+    """Refuse sampling settings outside their range (``InvalidArgument`` naming the flag and
+    what it takes), so that nonsense never turns into garbage text."""
+
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise InvalidArgument(msg)
+
+    need(math.isfinite(temperature) and temperature >= 0,
+         f"--temperature {temperature}: use 0 (greedy) or a positive number")  # fmt: skip
+    need(0.0 < top_p <= 1.0, f"--top-p {top_p}: use a probability mass in (0, 1] (1 = off)")
+    need(top_k >= 0, f"--top-k {top_k}: use 0 (off) or a positive number of tokens")
+    need(0.0 <= min_p <= 1.0, f"--min-p {min_p}: use a fraction in [0, 1] (0 = off)")
+    if repetition_penalty is not None:
+        need(math.isfinite(repetition_penalty) and repetition_penalty > 0,
+             f"--repetition-penalty {repetition_penalty}: use a number > 0 (1 = off, > 1 "
+             "discourages repeats)")  # fmt: skip
+    if seed is not None:
+        need(0 <= seed < 2**64, f"--seed {seed}: use a number from 0 to 2**64 - 1")
+    if max_tokens is not None:
+        need(max_tokens >= 1, f"--max-tokens {max_tokens}: use 1 or more")
+
+
 def make_sampler(
     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
 ) -> Sampler:
     """Build a sampler. ``temperature == 0`` is greedy (the other settings then do nothing)."""
-    if temperature < 0:
-        raise ValueError("temperature must be >= 0")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError("top_p must be in (0, 1]")
+    check_sampling(temperature, top_p, top_k, min_p)
     if temperature == 0:
         return greedy
 
@@ -74,8 +105,7 @@ def repetition_penalty(penalty: float, context_size: int = 64):
     Returns ``process(history_ids: list[int], logits[B, V]) -> logits``. Positive logits are
     divided by ``penalty``, negative ones multiplied, as in transformers.
     """
-    if penalty <= 0:
-        raise ValueError("repetition_penalty must be > 0")
+    check_sampling(repetition_penalty=penalty)
 
     def process(history: list[int], logits: mx.array) -> mx.array:
         if not history or penalty == 1.0:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from mlxllm.cache import PromptCache
-from mlxllm.generation.sample import make_sampler
+from mlxllm.errors import InvalidArgument
+from mlxllm.generation.sample import check_sampling, make_sampler
 from mlxllm.generation.sample import repetition_penalty as make_rep_penalty
 from mlxllm.generation.step import StepStats, generate_step
 
@@ -109,11 +110,12 @@ def stream_generate(
     Yields:
         ``Chunk`` objects; the last one has ``finish_reason`` set.
     """
+    check_sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed, max_tokens)
     if seed is not None:
         mx.random.seed(seed)
     ids = _encode_prompt(tokenizer, prompt, system, chat_template)
     if not ids:
-        raise ValueError("the prompt is empty")
+        raise InvalidArgument("the prompt is empty; pass some text")
     cache = cache if cache is not None else PromptCache(model)
     todo = cache.prepare(ids)
     sampler = make_sampler(temperature, top_p, top_k, min_p)

@@ -20,7 +20,7 @@ def fuse(
     adapter_path: str | os.PathLike,
     out: str | os.PathLike,
     bits: int | None = None,
-    group_size: int = 64,
+    group_size: int | None = None,
     dequantize: bool = False,
     dtype: str | None = None,
     force: bool = False,
@@ -30,9 +30,9 @@ def fuse(
     Args:
         model_path: the base model (folder, alias or repo id) the adapter was trained on.
         adapter_path: folder with ``adapters.safetensors`` and ``adapter_config.json``.
-        out: output folder (written to a temp sibling, then renamed).
+        out: output folder (written to a temp sibling, then renamed; see ``mlxllm.output``).
         bits: quantize the fused model to this many bits (affine, ``group_size``).
-        group_size: quantization group size with ``bits``.
+        group_size: quantization group size with ``bits`` (default 64).
         dequantize: write float weights even when the base was quantized.
         dtype: dtype of float tensors (default: the base checkpoint's half type, else float32).
         force: replace an existing ``out``.
@@ -43,14 +43,16 @@ def fuse(
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from mlxllm.convert import COPY_FILES, check_output, staged_output
+    from mlxllm.convert import COPY_FILES, check_settings
     from mlxllm.convert.safetensors_io import StreamingWriter, write_index
     from mlxllm.loader import load_config, load_model, resolve
     from mlxllm.lora.layers import fuse_model, load_adapter
-    from mlxllm.quant import make_predicate, quantize_model
+    from mlxllm.output import check_output, staged_output
+    from mlxllm.quant import dequantize_model, make_predicate, quantize_model
 
-    out = check_output(out, force, bits, dtype)
+    check_settings(bits, dtype, group_size)
     path = resolve(model_path)
+    out = check_output(out, force, sources=[path, adapter_path])
     config = load_config(path)
     config.pop("_generation_config", None)
     src_dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
@@ -60,16 +62,21 @@ def fuse(
 
     model = load_model(path, dtype=mx.float32)
     load_adapter(model, adapter_path)
-    fuse_model(model, dequantize=dequantize or bits is not None)
     if bits is not None or dequantize:
+        # every layer in floating point, adapted or not: the output has no quantization block
+        # (with --bits all layers are then quantized alike, not left at the base's settings)
+        fuse_model(model, dequantize=True)
+        dequantize_model(model)
         config.pop("quantization", None)
         config.pop("quantization_config", None)
+    else:
+        fuse_model(model)  # adapted layers keep the base's quantization
     if bits is not None:
-        block = quantize_model(model, make_predicate("uniform", bits, group_size))
+        block = quantize_model(model, make_predicate("uniform", bits, group_size or 64))
         config["quantization"] = config["quantization_config"] = block
     config["torch_dtype"] = str(out_dtype).split(".")[-1]
 
-    with staged_output(out) as tmp:
+    with staged_output(out, "fuse") as tmp:
         writer = StreamingWriter(tmp, int(2e9))
         tensors = dict(tree_flatten(model.parameters()))
         tensors.update(getattr(model, "aside_weights", {}) or {})

@@ -155,20 +155,27 @@ def load_jsonl(
     return out
 
 
+def check_data_dir(data_dir: str | os.PathLike) -> Path:
+    """The data folder, checked for its required files (before any model loads)."""
+    data_dir = Path(data_dir).expanduser()
+    if not data_dir.is_dir():
+        raise MlxllmError(f"data folder {data_dir} does not exist")
+    for split in SPLITS[:2]:
+        if not (data_dir / f"{split}.jsonl").is_file():
+            raise MlxllmError(f"{data_dir} has no {split}.jsonl (rows of JSON, one per line)")
+    return data_dir
+
+
 def load_dataset(
     data_dir: str | os.PathLike, tokenizer, max_seq_length: int = 2048, mask_prompt: bool = True
 ) -> dict[str, list[Example]]:
     """``{"train": [...], "valid": [...], "test": [...]}`` from a data folder (test optional)."""
-    data_dir = Path(data_dir).expanduser()
-    if not data_dir.is_dir():
-        raise MlxllmError(f"data folder {data_dir} does not exist")
+    data_dir = check_data_dir(data_dir)
     out = {}
     for split in SPLITS:
         path = data_dir / f"{split}.jsonl"
         if not path.is_file():
-            if split == "test":
-                continue
-            raise MlxllmError(f"{data_dir} has no {split}.jsonl")
+            continue  # test.jsonl is optional; check_data_dir required the others
         out[split] = load_jsonl(path, tokenizer, max_seq_length, mask_prompt)
         if not out[split] and split != "test":
             raise MlxllmError(f"{path} has no rows")

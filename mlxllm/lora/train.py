@@ -21,7 +21,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlxllm.errors import MlxllmError
-from mlxllm.lora.data import batch_at, collate, load_dataset, make_batches
+from mlxllm.lora.data import batch_at, check_data_dir, collate, load_dataset, make_batches
 from mlxllm.lora.layers import (
     DEFAULT_TARGETS,
     adapter_weights,
@@ -183,7 +183,70 @@ def _evaluate(model, examples, batch_size: int, max_batches: int | None = None) 
     return total / max(count, 1)
 
 
+def check_training(
+    iters: int = 1000,
+    batch_size: int = 4,
+    learning_rate: float = 1e-5,
+    grad_accum: int = 1,
+    max_seq_length: int = 2048,
+    warmup: int = 0,
+    save_every: int = 100,
+    eval_every: int = 200,
+    weight_decay: float = 0.0,
+    rank: int = 8,
+    scale: float = 20.0,
+    dropout: float = 0.0,
+    num_layers: int | None = None,
+    seed: int = 0,
+    **_,
+) -> None:
+    """Refuse settings that cannot train, with the fix, before any model loads."""
+    import math
+
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise MlxllmError(msg)
+
+    need(iters >= 1, f"--iters {iters}: train at least 1 step")
+    need(batch_size >= 1, f"--batch-size {batch_size}: use 1 or more examples per batch")
+    need(grad_accum >= 1, f"--grad-accum {grad_accum}: use 1 (no accumulation) or more")
+    need(max_seq_length >= 2, f"--max-seq-length {max_seq_length}: a row needs at least 2 tokens")
+    need(rank >= 1, f"--rank {rank}: the LoRA rank must be 1 or more")
+    need(0.0 <= dropout < 1.0, f"--dropout {dropout}: use a probability in [0, 1)")
+    for name, v in (("--learning-rate", learning_rate), ("--scale", scale)):
+        need(math.isfinite(v) and v > 0, f"{name} {v}: use a positive number")
+    need(math.isfinite(weight_decay) and weight_decay >= 0, "weight decay must be >= 0")
+    need(warmup >= 0, f"--warmup {warmup}: use 0 or more steps")
+    for name, v in (("--save-every", save_every), ("--eval-every", eval_every)):
+        need(v >= 0, f"{name} {v}: use 0 (only at the end) or more steps")
+    need(num_layers is None or num_layers >= 1, f"--num-layers {num_layers}: use 1 or more")
+    need(0 <= seed < 2**32, f"--seed {seed}: use a number from 0 to 2**32 - 1")
+
+
+ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json", STATE_FILE)
+
+
+def check_adapter_path(folder: str | os.PathLike, resume: bool, force: bool) -> Path:
+    """Where a run writes its adapter, checked before anything loads: ``resume`` needs a
+    checkpoint there; a trained adapter is replaced only with ``force``."""
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise MlxllmError(f"--adapter-path {folder} is a file; choose a folder")
+    if resume and force:
+        raise MlxllmError("--resume continues the adapter that --force would replace; pick one")
+    if resume:
+        if not (folder / STATE_FILE).is_file():
+            raise MlxllmError(f"nothing to resume: {folder / STATE_FILE} does not exist")
+    elif not force and any((folder / f).exists() for f in ADAPTER_FILES):
+        raise MlxllmError(
+            f"{folder} already holds a trained adapter; pass --resume to continue it or --force "
+            "to replace it (or choose another --adapter-path)"
+        )
+    return folder
+
+
 def _save_checkpoint(folder: Path, model, optimizer, step: int, log: dict, meta: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)  # made at the first checkpoint, not before
     arrays = {f"adapter.{k}": v for k, v in adapter_weights(model).items()}
     arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
     atomic_save_safetensors(
@@ -264,6 +327,7 @@ def train(
     callback: Callable[[int, dict], None] | None = None,
     grad_checkpoint: bool = False,
     compiled: bool = True,
+    force: bool = False,
 ) -> dict:
     """Train the adapter parameters of ``model`` (see ``apply_lora``) on a data folder.
 
@@ -292,6 +356,8 @@ def train(
             (less memory, ~30% more compute).
         compiled: run the step through ``mx.compile`` (batches are padded to a multiple of 32
             tokens so that few shapes are compiled).
+        force: replace a trained adapter already in ``adapter_path`` (else refused, unless
+            ``resume``).
 
     Returns:
         The log: ``{"train": [[step, loss], ...], "valid": [[step, loss], ...]}``.
@@ -299,8 +365,9 @@ def train(
     from rich.console import Console
 
     console = Console(stderr=True, quiet=not progress)
-    folder = Path(adapter_path).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
+    check_training(iters, batch_size, learning_rate, grad_accum, max_seq_length, warmup,
+                   save_every, eval_every, weight_decay, seed=seed)  # fmt: skip
+    folder = check_adapter_path(adapter_path, resume, force)
     data = load_dataset(data_dir, tokenizer, max_seq_length, mask_prompt)
     train_set, valid_set = data["train"], data["valid"]
     batches = make_batches(train_set, batch_size)
@@ -514,8 +581,11 @@ def finetune(
     """
     from mlxllm.loader import load
 
-    if rank <= 0:
-        raise MlxllmError(f"rank must be positive, got {rank}")
+    # everything a user can get wrong is checked before the model loads
+    check_training(rank=rank, scale=scale, dropout=dropout, num_layers=num_layers, seed=seed,
+                   **train_kwargs)  # fmt: skip
+    check_adapter_path(adapter_path, train_kwargs.get("resume", False), train_kwargs.get("force"))
+    check_data_dir(data_dir)
     model, tokenizer = load(model_path, dtype=dtype)
     mx.random.seed(seed)  # the adapters' initial lora_a
     apply_lora(model, rank, scale, dropout, targets, num_layers, dora)

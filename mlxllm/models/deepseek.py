@@ -84,7 +84,9 @@ class DeepseekConfig(BaseConfig):
             # HF's V3 config has no topk_method; DeepSeek's own config says noaux_tc
             self.topk_method = "noaux_tc" if self.model_type == "deepseek_v3" else "greedy"
         if self.topk_method not in ROUTERS:
-            raise ValueError(f"topk_method {self.topk_method!r} is not one of {ROUTERS}")
+            raise MlxllmError(
+                f"config.json: topk_method {self.topk_method!r} is not one of {', '.join(ROUTERS)}"
+            )
 
     def is_moe_layer(self, i: int) -> bool:
         return (
