@@ -106,11 +106,14 @@ class ChatSession:
 
     def reply(self, user_text: str):
         """Stream one assistant reply; returns the last stats chunk (None if interrupted early)."""
+        from mlxllm.cli.progress import PrefillProgress
+        from mlxllm.errors import InvalidArgument
         from mlxllm.generation.stream import stream_generate
 
         self.messages.append({"role": "user", "content": user_text})
         think = ThinkFilter(self._opens_thinking())
         parts, last = [], None
+        progress = PrefillProgress(sys.stderr)
         try:
             for last in stream_generate(
                 self.model,
@@ -118,12 +121,20 @@ class ChatSession:
                 self.messages,
                 max_tokens=self.max_tokens,
                 cache=self.cache,
+                progress=progress,
                 **self.sampling,
             ):
+                progress.close()
                 parts.append(last.text)
                 self._print(think.feed(last.text))
             self._print(think.flush())
+        except InvalidArgument as e:  # e.g. the conversation outgrew the context: say so, go on
+            progress.close()
+            self.messages.pop()
+            self.console.print(f"[red]error:[/] {e} (/reset starts over)")
+            return None
         except KeyboardInterrupt:
+            progress.close()
             self._print(think.flush())
             self.console.print("\n[yellow](reply interrupted)[/]")
         self.console.print()

@@ -116,6 +116,11 @@ Dtype = typer.Option(
     None, "--dtype", help="float32, float16 or bfloat16 (default: bf16 on GPU, fp32 on CPU)."
 )
 Adapter = typer.Option(None, "--adapter", help="LoRA adapter folder (from `mlxllm finetune`).")
+AllowLong = typer.Option(
+    False,
+    "--allow-long-prompt",
+    help="Run a prompt longer than the model's context (refused otherwise).",
+)
 
 
 def _apply_adapter(model, adapter: str | None):
@@ -145,6 +150,7 @@ def generate(
     dtype: str | None = Dtype,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speed and memory."),
     adapter: str | None = Adapter,
+    allow_long_prompt: bool = AllowLong,
 ):
     """Generate text for one prompt and stream it to stdout."""
     from mlxllm.generation.sample import check_sampling
@@ -161,7 +167,9 @@ def generate(
     use_template = not no_chat_template and tok.chat_template is not None
     if not no_chat_template and tok.chat_template is None and verbose:
         typer.echo("(no chat template in this model: sending the raw prompt)", err=True)
-    last = None
+    from mlxllm.cli.progress import PrefillProgress
+
+    last, progress = None, PrefillProgress(sys.stderr)
     with _user_errors():
         try:
             for last in stream_generate(
@@ -172,8 +180,11 @@ def generate(
                 system=system,
                 stop=stop,
                 chat_template=use_template,
+                progress=progress,
+                allow_long_prompt=allow_long_prompt,
                 **sampling,
             ):
+                progress.close()
                 sys.stdout.write(last.text)
                 sys.stdout.flush()
         except KeyboardInterrupt:
@@ -202,6 +213,7 @@ def chat(
     system: str | None = System,
     dtype: str | None = Dtype,
     adapter: str | None = Adapter,
+    allow_long_prompt: bool = AllowLong,
 ):
     """Chat in the terminal; the KV cache is kept across turns."""
     from mlxllm.generation.sample import check_sampling
@@ -216,7 +228,13 @@ def chat(
         _fail(f"{model} has no chat template; use `mlxllm generate --no-chat-template` instead")
     from mlxllm.cli.chat import ChatSession
 
-    session = ChatSession(m, tok, system=system, max_tokens=max_tokens, sampling=sampling)
+    session = ChatSession(
+        m,
+        tok,
+        system=system,
+        max_tokens=max_tokens,
+        sampling=dict(sampling, allow_long_prompt=allow_long_prompt),
+    )
     with _user_errors():
         session.repl()
 

@@ -23,15 +23,38 @@ class StepStats:
     start: float = field(default_factory=time.perf_counter)
 
 
-def prefill(model, ids: list[int], cache, chunk: int = 512) -> None:
-    """Run ``ids`` through the model into ``cache`` in chunks of ``chunk``.
+# Prompt tokens run in chunks whose size adapts so that each takes about this long: Ctrl-C is
+# seen between chunks (MLX computes without returning to Python), and progress moves.
+PREFILL_SECONDS = 0.5
+MIN_PREFILL_CHUNK = 32
 
-    Chunking bounds the activation memory of long prompts (scores are chunk x context).
+Progress = Callable[[int, int, float], None]  # (tokens done, tokens in all, seconds so far)
+
+
+def prefill(
+    model, ids: list[int], cache, chunk: int = 512, progress: Progress | None = None
+) -> None:
+    """Run ``ids`` through the model into ``cache`` in chunks of at most ``chunk`` tokens.
+
+    Chunking bounds the activation memory of long prompts (scores are chunk x context). The
+    chunk size follows the measured speed so that each chunk takes about ``PREFILL_SECONDS``
+    (between ``MIN_PREFILL_CHUNK`` and ``chunk``, at most doubling per step): an interrupt is
+    answered and ``progress(done, total, seconds)`` is called about that often, on a slow CPU as
+    on a GPU (where it stays at ``chunk``).
     """
-    for i in range(0, len(ids), chunk):
-        model(mx.array(ids[i : i + chunk])[None], cache=cache)
+    done, size, t0 = 0, min(chunk, 4 * MIN_PREFILL_CHUNK), time.perf_counter()
+    while done < len(ids):
+        t = time.perf_counter()
+        piece = ids[done : done + size]
+        model(mx.array(piece)[None], cache=cache)
         # evaluate the cache now so the graph of the next chunk stays small
         mx.eval([c.state for c in cache])
+        done += len(piece)
+        now = time.perf_counter()
+        if progress is not None:
+            progress(done, len(ids), now - t0)
+        fit = int(len(piece) * PREFILL_SECONDS / max(now - t, 1e-6))
+        size = max(MIN_PREFILL_CHUNK, min(chunk, 2 * size, fit))
 
 
 def generate_step(
@@ -44,11 +67,13 @@ def generate_step(
     logits_processors: list[Callable] | None = None,
     prefill_chunk: int = 512,
     stats: StepStats | None = None,
+    progress: Progress | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids (at most ``max_tokens``).
 
     ``cache`` must already hold whatever precedes ``prompt_ids``; ``prompt_ids`` must be non-empty
-    (its last id is the one the first new token is sampled after).
+    (its last id is the one the first new token is sampled after). ``progress`` is called
+    during prefill (see ``prefill``).
     """
     if not prompt_ids:
         raise ValueError("prompt_ids must hold at least one token")
@@ -63,7 +88,7 @@ def generate_step(
             logits = p(history, logits)
         return sampler(logits)
 
-    prefill(model, prompt_ids[:-1], cache, prefill_chunk)
+    prefill(model, prompt_ids[:-1], cache, prefill_chunk, progress)
     y = step(mx.array(prompt_ids[-1:]))
     mx.async_eval(y)
     for n in range(1, max_tokens + 1):

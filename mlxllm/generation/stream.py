@@ -16,7 +16,8 @@ from mlxllm.cache import PromptCache
 from mlxllm.errors import InvalidArgument
 from mlxllm.generation.sample import check_sampling, make_sampler
 from mlxllm.generation.sample import repetition_penalty as make_rep_penalty
-from mlxllm.generation.step import StepStats, generate_step
+from mlxllm.generation.step import Progress, StepStats, generate_step
+from mlxllm.models.base import context_length
 
 
 @dataclass
@@ -90,6 +91,8 @@ def stream_generate(
     chat_template: bool | None = None,
     cache: PromptCache | None = None,
     prefill_chunk: int = 512,
+    progress: Progress | None = None,
+    allow_long_prompt: bool = False,
 ) -> Iterator[Chunk]:
     """Generate text, yielding chunks as they become final.
 
@@ -105,7 +108,10 @@ def stream_generate(
             (default False for text; messages always use it).
         cache: a ``PromptCache`` to reuse across calls (multi-turn chat); its common prefix
             with the prompt is not recomputed.
-        prefill_chunk: prompt tokens per prefill step.
+        prefill_chunk: prompt tokens per prefill step (at most; see ``step.prefill``).
+        progress: ``progress(done, total, seconds)`` during prompt processing.
+        allow_long_prompt: run a prompt longer than the model's context (refused otherwise:
+            past it, models without RoPE scaling for that length produce noise).
 
     Yields:
         ``Chunk`` objects; the last one has ``finish_reason`` set.
@@ -116,6 +122,12 @@ def stream_generate(
     ids = _encode_prompt(tokenizer, prompt, system, chat_template)
     if not ids:
         raise InvalidArgument("the prompt is empty; pass some text")
+    limit = context_length(model.config)
+    if limit and len(ids) > limit and not allow_long_prompt:
+        raise InvalidArgument(
+            f"the prompt is {len(ids)} tokens, longer than the model's context of {limit}; "
+            "shorten it (or pass --allow-long-prompt to run past the context anyway)"
+        )
     cache = cache if cache is not None else PromptCache(model)
     todo = cache.prepare(ids)
     sampler = make_sampler(temperature, top_p, top_k, min_p)
@@ -152,6 +164,7 @@ def stream_generate(
         logits_processors=processors,
         prefill_chunk=prefill_chunk,
         stats=stats,
+        progress=progress,
     )
     try:
         cut = False  # a stop string matched: whatever follows it is dropped

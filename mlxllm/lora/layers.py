@@ -324,7 +324,13 @@ def atomic_save_safetensors(path: Path, arrays: dict, metadata: dict | None = No
     path = Path(path)
     tmp = path.parent / f".{path.stem}.tmp-{os.getpid()}.safetensors"
     try:
-        mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
+        try:
+            mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
+        except RuntimeError as e:  # MLX reports a failed write without errno
+            raise MlxllmError(
+                f"could not write {path} ({str(e).strip()}); is the disk full? free some space or "
+                "write to another folder"
+            ) from None
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

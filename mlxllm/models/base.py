@@ -47,6 +47,19 @@ def normalize_rope(config: dict) -> tuple[float, dict | None]:
     return float(theta), scaling
 
 
+def context_length(config) -> int | None:
+    """The longest sequence a model is made for: ``max_position_embeddings``, or RoPE scaling's
+    ``factor x original_max_position_embeddings`` when that is longer (Qwen2.5's YaRN keeps
+    ``max_position_embeddings`` at 32K while extending to 128K). None when the config says
+    nothing."""
+    limit = getattr(config, "max_position_embeddings", None)
+    scaling = getattr(config, "rope_scaling", None) or {}
+    orig, factor = scaling.get("original_max_position_embeddings"), scaling.get("factor")
+    if orig and factor and scaling.get("rope_type") in ("yarn", "dynamic", "linear", "llama3"):
+        limit = max(limit or 0, int(orig * factor))
+    return int(limit) if limit else None
+
+
 @dataclasses.dataclass
 class BaseConfig:
     """A family config: HF field names, defaults for what older checkpoints omit."""
