@@ -130,6 +130,10 @@ def test_mx_formats_when_supported(hf, ref_logits, tmp_path):
         out = convert(hf, tmp_path / mode, mode=mode, progress=False)
         q = json.loads((out / "config.json").read_text())["quantization"]
         assert q["mode"] == mode
+        # the model card states what was written (it once said the ignored --bits/--group-size)
+        want = {"mxfp4": (4, 32), "mxfp8": (8, 32), "nvfp4": (4, 16)}[mode]
+        assert (q["bits"], q["group_size"]) == want
+        assert f"{want[0]}-bit, group {want[1]}, {mode}" in (out / "README.md").read_text()
         err = _rel_rms(_logits(out), ref_logits)
         print(f"{mode}: relative RMS logit error {err:.3f}")
         assert err < 0.35  # measured 0.05 (mxfp8) to 0.25 (mxfp4)
