@@ -26,8 +26,12 @@ MODEL_HELP = "Local folder, alias (see `mlxllm models`) or Hugging Face repo id.
 
 def _fail(msg: str, code: int = 1):
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True).print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    # escaped: a message may hold brackets ("[write] Unable to write") that Rich would eat
+    Console(stderr=True).print(
+        f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True
+    )
     raise typer.Exit(code)
 
 

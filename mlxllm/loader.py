@@ -226,7 +226,8 @@ def check_dtypes(model: nn.Module, weights: dict, source: str) -> None:
             continue  # load_weights names what does not belong
         if mx.issubdtype(want.dtype, mx.floating) != mx.issubdtype(v.dtype, mx.floating):
             raise MlxllmError(
-                f"tensor {k} in {source} is stored as {v.dtype}, but the model needs "
+                f"tensor {k} in {source} is stored as {str(v.dtype).split('.')[-1]}, but the "
+                "model needs "
                 f"{'floating point' if mx.issubdtype(want.dtype, mx.floating) else want.dtype}; "
                 "the checkpoint is corrupt or not for this architecture"
             )

@@ -199,7 +199,8 @@ def test_integer_tensor_where_a_float_belongs(tiny, tmp_path):
     tensors[key] = tensors[key].astype(np.int32)
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
     full = ["generate", bad, "-p", "hi"]
-    _one_line(_cli(full), f"tensor {key}", ["generate <model with an int32 weight>", "-p", "hi"])
+    line = _one_line(_cli(full), f"tensor {key}", ["generate <int32 weight>", "-p", "hi"])
+    assert "stored as int32" in line
 
 
 def test_typo_in_a_local_path_is_not_a_hub_repo(tiny, tmp_path, monkeypatch):
@@ -405,6 +406,7 @@ def test_full_disk_during_a_finetune_checkpoint(tiny, data, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert proc.returncode == 1 and len(errors) == 1 and "disk full" in errors[0], proc.stderr
+    assert "[write] Unable to write" in errors[0]  # MLX's own words survive the formatting
     assert "Traceback" not in proc.stderr
     assert not any(".tmp-" in p for p in _tree(ad)) if ad.exists() else True
     print(f"TABLE | `mlxllm finetune …` when the checkpoint write fails | {errors[0]} | 1 | "
