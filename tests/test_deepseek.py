@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from mlx.utils import tree_flatten
 
 from helpers import SMOL, TOKENIZER_FILES, fixture_model, hf_greedy
 from mlxllm.generation.step import generate_step
@@ -394,3 +395,123 @@ def test_mlx_community_v3_layout_loads(tmp_path, bits):
     diff = np.abs(ours - theirs).max()
     print(f"bits={bits}: max |ours - mlx-lm| {diff:.2e}")
     np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-3)
+
+
+# ---- training and prefill with query-chunked MLA --------------------------------------------
+
+
+def _chunked_model(folder, budget: int, form: str | None = None):
+    model = load_model(folder, dtype=mx.float32)
+    for layer in model.layers:
+        layer.self_attn.max_score_elems = budget
+    if form:
+        _set_form(model, form)
+    return model
+
+
+def _spy_attention(monkeypatch) -> list[int]:
+    """Record the query length of every attention call inside ``chunked_attention``."""
+    from mlxllm.layers import mla
+
+    lengths = []
+    inner = mla._attention
+
+    def spy(q, *args):
+        lengths.append(q.shape[2])
+        return inner(q, *args)
+
+    monkeypatch.setattr(mla, "_attention", spy)
+    return lengths
+
+
+def _randomize_lora_b(model, seed: int = 1):
+    """A trained-looking adapter: ``lora_b != 0``, so ``lora_a`` gets gradients too."""
+    from mlxllm.lora.layers import LoRALinear
+
+    mx.random.seed(seed)
+    for _, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            m.lora_b = 0.02 * mx.random.normal(m.lora_b.shape)
+    mx.eval(model.parameters())
+
+
+def _grads(step, batch) -> dict:
+    loss, _, g = step(*batch, None, False)  # update=False: the gradients, no optimizer step
+    mx.eval(loss, g)
+    return {k: np.array(v) for k, v in tree_flatten(g)}, loss.item()
+
+
+@pytest.mark.parametrize("form", ["absorbed", "expanded"])
+def test_compiled_lora_step_with_chunked_mla(checkpoints, monkeypatch, form):
+    """``make_step(compiled=True)`` on a DeepSeek-V2 whose MLA takes query chunks (and whose MoE
+    layers take the sorted expert path): it runs, its gradients equal the eager step's, and a
+    few compiled steps lower the loss."""
+    import mlx.optimizers as optim
+
+    from mlxllm.lora.layers import apply_lora
+    from mlxllm.lora.train import make_step
+
+    _, folder = checkpoints["v2-lite"]
+    model = _chunked_model(folder, budget=2000, form=form)
+    mx.random.seed(0)
+    apply_lora(model, rank=4, targets=("q_proj", "o_proj"))
+    _randomize_lora_b(model)
+    ids = mx.array(np.random.default_rng(7).integers(0, VOCAB, (2, 41)))
+    batch = (ids[:, :-1], ids[:, 1:], mx.ones((2, 40)))
+    lengths = _spy_attention(monkeypatch)
+
+    opt = optim.Adam(learning_rate=1e-2)
+    opt.init(model.trainable_parameters())
+    eager, eager_loss = _grads(make_step(model, opt, 1, compiled=False), batch)
+    assert lengths and max(lengths) < 40  # 2 * 4 heads * 40 keys * L <= 2000: L <= 6
+    lengths.clear()
+    compiled_step = make_step(model, opt, 1, compiled=True)
+    compiled, compiled_loss = _grads(compiled_step, batch)
+    assert lengths and max(lengths) < 40  # traced through the chunked path
+    assert abs(compiled_loss - eager_loss) <= 1e-5 * eager_loss
+    assert set(compiled) == set(eager)
+    for k in eager:
+        assert np.abs(eager[k]).max() > 0, k  # every adapter gets a gradient
+        np.testing.assert_allclose(compiled[k], eager[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+    losses = []
+    for _ in range(4):
+        loss, _, _ = compiled_step(*batch, None, True)
+        mx.eval(loss, model.trainable_parameters(), opt.state)
+        losses.append(loss.item())
+    print(f"{form}: compiled losses {[round(v, 4) for v in losses]}")
+    assert losses[-1] < losses[0]
+
+
+def test_prefill_chunks_follow_the_score_budget(checkpoints, monkeypatch):
+    """Generation's prefill feeds at most ``model.max_queries(offset)`` positions per call, so
+    one call's MLA scores fit one chunk (the layers no longer evaluate chunk by chunk); the
+    result is the full recompute's."""
+    from mlxllm.generation.step import prefill
+
+    _, folder = checkpoints["v3-yarn"]
+    model = _chunked_model(folder, budget=4 * 40 * 40)  # 40 queries at offset 0, fewer later
+    ids = _ids(120, 8)
+    full = np.array(model(mx.array([ids]))[0, -1])
+    calls = []
+    forward = type(model).__call__
+
+    def spy(self, x, cache=None):
+        calls.append((cache[0].offset, x.shape[1]))
+        return forward(self, x, cache)
+
+    monkeypatch.setattr(type(model), "__call__", spy)
+    lengths = _spy_attention(monkeypatch)
+    cache = model.make_cache()
+    prefill(model, ids[:-1], cache, chunk=32)
+    monkeypatch.undo()
+    print(f"prefill calls (offset, length): {calls}")
+    assert calls[0] == (0, 32)  # the chunk cap holds while the budget allows more
+    assert [n for _, n in calls] == sorted((n for _, n in calls), reverse=True)
+    assert calls[-1][1] < 16 and sum(n for _, n in calls) == len(ids) - 1
+    for offset, n in calls:
+        assert n == min(32, model.max_queries(offset), len(ids) - 1 - offset)
+        assert 4 * n * (offset + n) <= 4 * 40 * 40 or n == 1
+    assert set(lengths) == {n for _, n in calls}  # no call was split into query chunks
+    last = np.array(model(mx.array([ids[-1:]]), cache=cache)[0, -1])
+    np.testing.assert_allclose(last, full, rtol=1e-4, atol=1e-4)

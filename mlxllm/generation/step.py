@@ -24,14 +24,24 @@ class StepStats:
 
 
 def prefill(model, ids: list[int], cache, chunk: int = 512) -> None:
-    """Run ``ids`` through the model into ``cache`` in chunks of ``chunk``.
+    """Run ``ids`` through the model into ``cache`` in chunks of at most ``chunk`` positions.
 
-    Chunking bounds the activation memory of long prompts (scores are chunk x context).
+    Chunking bounds the activation memory of long prompts (scores are chunk x context). Where
+    the model's attention has a score budget (MLA: ``model.max_queries``), chunks shrink as the
+    context grows so that one chunk's scores stay within it: the layers do not evaluate inside a
+    call, so this loop is what bounds the peak.
     """
-    for i in range(0, len(ids), chunk):
-        model(mx.array(ids[i : i + chunk])[None], cache=cache)
-        # evaluate the cache now so the graph of the next chunk stays small
+    limit = getattr(model, "max_queries", None)
+    i = 0
+    while i < len(ids):
+        n = chunk
+        if limit is not None:
+            n = min(n, limit(cache[0].offset) or n)
+        model(mx.array(ids[i : i + n])[None], cache=cache)
+        # evaluate the cache now so the graph of the next chunk stays small and the scores of
+        # this chunk are freed before the next is built
         mx.eval([c.state for c in cache])
+        i += n
 
 
 def generate_step(
