@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
@@ -400,6 +401,9 @@ def test_mlx_community_v3_layout_loads(tmp_path, bits):
 # ---- training and prefill with query-chunked MLA --------------------------------------------
 
 
+KV_B_TARGETS = ("q_proj", "kv_b_proj", "o_proj")
+
+
 def _chunked_model(folder, budget: int, form: str | None = None):
     model = load_model(folder, dtype=mx.float32)
     for layer in model.layers:
@@ -445,7 +449,8 @@ def _grads(step, batch) -> dict:
 def test_compiled_lora_step_with_chunked_mla(checkpoints, monkeypatch, form):
     """``make_step(compiled=True)`` on a DeepSeek-V2 whose MLA takes query chunks (and whose MoE
     layers take the sorted expert path): it runs, its gradients equal the eager step's, and a
-    few compiled steps lower the loss."""
+    few compiled steps lower the loss. Adapters on q_proj, kv_b_proj (which the absorbed form
+    reads as a matrix) and o_proj."""
     import mlx.optimizers as optim
 
     from mlxllm.lora.layers import apply_lora
@@ -454,7 +459,7 @@ def test_compiled_lora_step_with_chunked_mla(checkpoints, monkeypatch, form):
     _, folder = checkpoints["v2-lite"]
     model = _chunked_model(folder, budget=2000, form=form)
     mx.random.seed(0)
-    apply_lora(model, rank=4, targets=("q_proj", "o_proj"))
+    apply_lora(model, rank=4, targets=KV_B_TARGETS)
     _randomize_lora_b(model)
     ids = mx.array(np.random.default_rng(7).integers(0, VOCAB, (2, 41)))
     batch = (ids[:, :-1], ids[:, 1:], mx.ones((2, 40)))
@@ -470,6 +475,7 @@ def test_compiled_lora_step_with_chunked_mla(checkpoints, monkeypatch, form):
     assert lengths and max(lengths) < 40  # traced through the chunked path
     assert abs(compiled_loss - eager_loss) <= 1e-5 * eager_loss
     assert set(compiled) == set(eager)
+    assert "model.layers.2.self_attn.kv_b_proj.lora_a" in eager
     for k in eager:
         assert np.abs(eager[k]).max() > 0, k  # every adapter gets a gradient
         np.testing.assert_allclose(compiled[k], eager[k], rtol=1e-4, atol=1e-6, err_msg=k)
@@ -515,3 +521,67 @@ def test_prefill_chunks_follow_the_score_budget(checkpoints, monkeypatch):
     assert set(lengths) == {n for _, n in calls}  # no call was split into query chunks
     last = np.array(model(mx.array([ids[-1:]]), cache=cache)[0, -1])
     np.testing.assert_allclose(last, full, rtol=1e-4, atol=1e-4)
+
+
+# ---- LoRA on kv_b_proj (read as a matrix by the absorbed form) ------------------------------
+
+
+def _quantized(model, bits):
+    from mlxllm.quant import make_predicate, quantize_model
+
+    if bits:
+        quantize_model(model, make_predicate("uniform", bits, 32))
+        assert type(model.layers[0].self_attn.kv_b_proj).__name__ == "QuantizedLinear"
+    return model
+
+
+def _forms_agree(model, ids, tol=1e-4) -> np.ndarray:
+    """Logits in the absorbed and the expanded form (equal), returned."""
+    _set_form(model, "absorbed")
+    absorbed = np.array(model(ids)[0])
+    _set_form(model, "expanded")
+    expanded = np.array(model(ids)[0])
+    diff = np.abs(absorbed - expanded).max()
+    print(f"absorbed vs expanded with the adapter: max |diff| {diff:.2e}")
+    np.testing.assert_allclose(absorbed, expanded, rtol=tol, atol=tol)
+    return expanded
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("bits", [None, 4])
+def test_lora_on_kv_b_proj_absorbed_equals_expanded(checkpoints, bits, dora):
+    """With an adapter on kv_b_proj (float base or QLoRA, LoRA or DoRA) the absorbed form, which
+    reads kv_b_proj as a matrix, computes what the expanded form (which calls it) computes:
+    logits, a changed adapter (no stale cached W_UK/W_UV) and the adapter's gradients."""
+    from mlxllm.lora.layers import apply_lora
+    from mlxllm.lora.train import masked_loss
+
+    _, folder = checkpoints["v2-glg"]
+    model = _quantized(load_model(folder, dtype=mx.float32), bits)
+    ids = mx.array([_ids(24, 9)])
+    base = np.array(model(ids)[0])
+    mx.random.seed(0)
+    apply_lora(model, rank=4, targets=KV_B_TARGETS, dora=dora)
+    np.testing.assert_allclose(_forms_agree(model, ids), base, rtol=1e-4, atol=1e-4)  # at init
+    _randomize_lora_b(model)
+    adapted = _forms_agree(model, ids)
+    assert np.abs(adapted - base).max() > 1e-2  # the adapter acts
+
+    # a new adapter value (what an optimizer step assigns) is seen by the absorbed form
+    kv_b = model.layers[1].self_attn.kv_b_proj
+    kv_b.lora_b = kv_b.lora_b * 3
+    again = _forms_agree(model, ids)
+    assert np.abs(again - adapted).max() > 1e-3
+
+    grads = {}
+    for form in ("absorbed", "expanded"):
+        _set_form(model, form)
+        _, g = nn.value_and_grad(model, masked_loss)(
+            model, ids[:, :-1], ids[:, 1:], mx.ones((1, 23))
+        )
+        grads[form] = {k: np.array(v) for k, v in tree_flatten(g) if ".kv_b_proj." in k}
+    names = {f"model.layers.{i}.self_attn.kv_b_proj.lora_{w}" for i in range(3) for w in "ab"}
+    assert names <= set(grads["absorbed"])
+    for k, g in grads["absorbed"].items():
+        assert np.abs(g).max() > 0, k
+        np.testing.assert_allclose(g, grads["expanded"][k], rtol=1e-3, atol=1e-6, err_msg=k)

@@ -9,7 +9,8 @@ so the cache holds only ``c_kv`` and ``k_pe`` (``LatentCache``). Attention is co
 two equivalent forms, both reading that cache:
 
 - absorbed (decode, short inputs): ``W_UK`` is folded into the query and ``W_UV`` applied after
-  attention, so all heads attend over the single latent "KV head" ``[c_kv, k_pe]``;
+  attention, so all heads attend over the single latent "KV head" ``[c_kv, k_pe]`` (the matrix
+  is read through ``layers.linear.dense_weight``: a plain, quantized or adapted ``kv_b_proj``);
 - expanded (long prefill): per-head ``k_nope``/``v`` are rebuilt from the latent by
   ``kv_b_proj`` and attention is ordinary multi-head attention.
 
@@ -35,6 +36,7 @@ import mlx.nn as nn
 from mlxllm.cache.latent import LatentCache
 from mlxllm.kernels import decode as decode_kernels
 from mlxllm.kernels import memo, mla_decode, on_cuda, params_of
+from mlxllm.layers.linear import dense_weight, weight_arrays
 from mlxllm.layers.rope import RoPE
 
 # q_a_layernorm / kv_a_layernorm use the reference's default eps, not the config's rms_norm_eps
@@ -244,34 +246,24 @@ class MLA(nn.Module):
     def _kv_b_weights(self) -> tuple[mx.array, mx.array]:
         """``W_UK[heads, nope, r]`` and ``W_UV[heads, v, r]`` from ``kv_b_proj``, contiguous.
 
-        Cached: splitting (and, for a quantized ``kv_b_proj``, dequantizing) the weight on every
-        decode step costs extra kernels per layer. The cache is keyed on the weight array, so
-        loading or training new weights recomputes it.
+        Read through ``dense_weight``: a plain, quantized (dequantized here) or adapted (LoRA /
+        DoRA: base plus update) ``kv_b_proj`` alike. Cached, since splitting and dequantizing on
+        every decode step costs extra kernels per layer; the key is the identity of every array
+        the weight comes from (an adapter's included), so loading, quantizing, fusing or a new
+        adapter value recomputes it. Training traces fresh arrays each step (autodiff and
+        ``mx.compile`` copy their inputs), so there it is recomputed inside the trace and the
+        absorbed form is differentiable through an adapter on ``kv_b_proj``.
         """
-        key = self.kv_b_proj.weight  # held, so identity cannot be reused by another array
-        cached = self.__dict__.get("_w_ukv")
-        if cached is None or cached[0] is not key:
-            w_uk, w_uv = self._split_kv_b()
-            w_uk, w_uv = mx.contiguous(w_uk), mx.contiguous(w_uv)
-            object.__setattr__(self, "_w_ukv", (key, w_uk, w_uv))
-            cached = self.__dict__["_w_ukv"]
-        return cached[1], cached[2]
+        lin = self["kv_b_proj"]
 
-    def _split_kv_b(self) -> tuple[mx.array, mx.array]:
-        lin = self.kv_b_proj
-        if isinstance(lin, nn.QuantizedLinear):
-            w = mx.dequantize(
-                lin.weight,
-                lin.scales,
-                lin.get("biases"),
-                group_size=lin.group_size,
-                bits=lin.bits,
-                mode=lin.mode,
+        def build():
+            w = dense_weight(lin).reshape(
+                self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank
             )
-        else:
-            w = lin.weight
-        w = w.reshape(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
-        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
+            w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
+            return mx.contiguous(w_uk), mx.contiguous(w_uv)
+
+        return memo(self, "_w_ukv", (), weight_arrays(lin), build)
 
     # ---- the two attention forms ---------------------------------------------------------------
 
