@@ -13,6 +13,8 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxllm.layers.moe import QuantizedSwitchLinear, SwitchLinear
+
 Predicate = Callable[[str, nn.Module], "bool | dict"]
 
 MODES = ("affine", "mxfp4", "mxfp8", "nvfp4")
@@ -221,18 +223,22 @@ def dequantize_model(model: nn.Module, dtype: mx.Dtype = mx.float32) -> nn.Modul
     """
     replace = []
     for path, m in model.named_modules():
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)):
             replace.append((path, m))
     for path, m in replace:
         w = mx.dequantize(
             m.weight, m.scales, m.get("biases"), m.group_size, m.bits, mode=m.mode
         ).astype(dtype)
-        if isinstance(m, nn.QuantizedLinear):
-            new = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
+        if isinstance(m, nn.QuantizedEmbedding):
+            new = nn.Embedding(w.shape[0], w.shape[1])
+        else:
+            out_dims, in_dims = w.shape[-2:]
+            if isinstance(m, QuantizedSwitchLinear):  # stacked experts [E, out, in]
+                new = SwitchLinear(in_dims, out_dims, w.shape[0], bias="bias" in m)
+            else:
+                new = nn.Linear(in_dims, out_dims, bias="bias" in m)
             if "bias" in m:
                 new.bias = m.bias.astype(dtype)
-        else:
-            new = nn.Embedding(w.shape[0], w.shape[1])
         new.weight = w
         model.update_modules(_nested(path, new))
     return model

@@ -585,3 +585,54 @@ def test_lora_on_kv_b_proj_absorbed_equals_expanded(checkpoints, bits, dora):
     for k, g in grads["absorbed"].items():
         assert np.abs(g).max() > 0, k
         np.testing.assert_allclose(g, grads["expanded"][k], rtol=1e-3, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_fuse_with_kv_b_proj_adapter_equals_unfused(checkpoints, tmp_path, bits):
+    """``fuse_model`` and ``mlxllm fuse`` (``mlxllm.lora.fuse``) with an adapter on kv_b_proj
+    give the unfused adapter's logits; on a quantized base (QLoRA, a folder written by
+    ``convert``) fused to float, and re-quantized with the base's settings."""
+    from mlxllm.convert import convert
+    from mlxllm.layers.linear import dense_weight
+    from mlxllm.lora import fuse
+    from mlxllm.lora.layers import LoRALinear, apply_lora, fuse_model, load_adapter, save_adapter
+
+    _, hf = checkpoints["v3-yarn"]
+    folder = hf
+    if bits:
+        folder = convert(
+            hf, tmp_path / "q4", bits=bits, group_size=32, dtype="float32", progress=False
+        )
+    model = load_model(folder, dtype=mx.float32)
+    mx.random.seed(0)
+    apply_lora(model, rank=4, targets=KV_B_TARGETS)
+    _randomize_lora_b(model)
+    ids = mx.array([_ids(40, 10)])  # 40 > 32: the by-cost form is expanded; decode is absorbed
+    unfused = np.array(model(ids)[0])
+    save_adapter(model, tmp_path / "adapter")
+
+    fuse_model(model, dequantize=True)
+    assert not any(isinstance(m, LoRALinear) for _, m in model.named_modules())
+    assert type(model.layers[0].self_attn.kv_b_proj).__name__ == "Linear"
+    in_memory = _forms_agree(model, ids)
+    np.testing.assert_allclose(in_memory, unfused, rtol=1e-4, atol=1e-4)
+
+    out = fuse(folder, tmp_path / "adapter", tmp_path / "fused", dequantize=True)
+    fused = load_model(out, dtype=mx.float32)
+    assert type(fused.layers[0].self_attn.kv_b_proj).__name__ == "Linear"
+    diff = np.abs(_forms_agree(fused, ids) - unfused).max()
+    print(f"bits={bits}: mlxllm fuse (float) vs unfused adapter: max |diff| {diff:.2e}")
+    assert diff < 1e-4
+    if bits:
+        out = fuse(folder, tmp_path / "adapter", tmp_path / "requantized")
+        requantized = load_model(out, dtype=mx.float32)
+        kv_b = requantized.layers[0].self_attn.kv_b_proj
+        assert type(kv_b).__name__ == "QuantizedLinear" and kv_b.bits == bits
+        # the fused float weight on the base's grid: MLX's affine rounding (the zero point is
+        # snapped to the grid) is off by less than one step (|scale|) per weight
+        err = np.abs(np.array(dense_weight(kv_b) - model.layers[0].self_attn.kv_b_proj.weight))
+        assert (err <= np.repeat(np.abs(np.array(kv_b.scales)), 32, axis=1) * 1.001).all()
+        # and the folder computes what the re-quantizing fuse computes in memory
+        mem = load_adapter(load_model(folder, dtype=mx.float32), tmp_path / "adapter")
+        want = _forms_agree(fuse_model(mem), ids)
+        np.testing.assert_allclose(_forms_agree(requantized, ids), want, rtol=1e-5, atol=1e-5)

@@ -47,7 +47,7 @@ def fuse(
     from mlxllm.convert.safetensors_io import StreamingWriter, write_index
     from mlxllm.loader import load_config, load_model, resolve
     from mlxllm.lora.layers import fuse_model, load_adapter
-    from mlxllm.quant import make_predicate, quantize_model
+    from mlxllm.quant import dequantize_model, make_predicate, quantize_model
 
     out = check_output(out, force, bits, dtype)
     path = resolve(model_path)
@@ -62,6 +62,8 @@ def fuse(
     load_adapter(model, adapter_path)
     fuse_model(model, dequantize=dequantize or bits is not None)
     if bits is not None or dequantize:
+        # the layers without an adapter too: the config below no longer says they are packed
+        dequantize_model(model)
         config.pop("quantization", None)
         config.pop("quantization_config", None)
     if bits is not None:
