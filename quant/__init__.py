@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxllm.layers.moe import QuantizedSwitchLinear, SwitchLinear
+from mlxllm.models.transforms import is_router  # routers are never quantized
 
 Predicate = Callable[[str, nn.Module], "bool | dict"]
 
@@ -39,11 +40,6 @@ def supported_modes() -> list[str]:
         except (ValueError, TypeError, RuntimeError):
             pass
     return ok
-
-
-def is_router(path: str) -> bool:
-    """MoE routers and gates stay in full precision: their logits pick experts."""
-    return path.endswith((".mlp.gate", ".shared_expert_gate", ".router"))
 
 
 def _quantizable(path: str, module: nn.Module, group_size: int) -> bool:
