@@ -465,7 +465,7 @@ def test_compiled_lora_step_with_chunked_mla(checkpoints, monkeypatch, form):
     batch = (ids[:, :-1], ids[:, 1:], mx.ones((2, 40)))
     lengths = _spy_attention(monkeypatch)
 
-    opt = optim.Adam(learning_rate=1e-2)
+    opt = optim.Adam(learning_rate=5e-4)
     opt.init(model.trainable_parameters())
     eager, eager_loss = _grads(make_step(model, opt, 1, compiled=False), batch)
     assert lengths and max(lengths) < 40  # 2 * 4 heads * 40 keys * L <= 2000: L <= 6
@@ -486,7 +486,7 @@ def test_compiled_lora_step_with_chunked_mla(checkpoints, monkeypatch, form):
         mx.eval(loss, model.trainable_parameters(), opt.state)
         losses.append(loss.item())
     print(f"{form}: compiled losses {[round(v, 4) for v in losses]}")
-    assert losses[-1] < losses[0]
+    assert all(b < a for a, b in zip(losses, losses[1:], strict=False))  # one batch: goes down
 
 
 def test_prefill_chunks_follow_the_score_budget(checkpoints, monkeypatch):
