@@ -136,7 +136,7 @@ def convert(
     from mlxllm.loader import load_config, resolve
     from mlxllm.models import build_model
     from mlxllm.models.base import normalize_rope
-    from mlxllm.models.transforms import dequant_fp8_weights
+    from mlxllm.models.transforms import cast_weight, dequant_fp8_weights
     from mlxllm.output import check_output, staged_output
     from mlxllm.quant import (
         MODE_DEFAULTS,
@@ -212,7 +212,7 @@ def convert(
                 # kept-aside weights (DeepSeek-V3 MTP layers) pass through under their own names
                 aside = model.set_aside(weights) if hasattr(model, "set_aside") else {}
                 outputs = _plan(weights, modules, predicate, out_dtype, chosen)
-                outputs += [(k, _cast(v, out_dtype)) for k, v in sorted(aside.items())]
+                outputs += [(k, cast_weight(k, v, out_dtype)) for k, v in sorted(aside.items())]
                 del aside
                 # Only the writer may hold these arrays: anything else that references one keeps
                 # its evaluated buffer (and the source tensor) alive for the whole shard.
@@ -250,9 +250,13 @@ def _plan(weights: dict, modules: dict, predicate, out_dtype, chosen: dict) -> l
     """The output tensors for one source shard, as lazy arrays (nothing is computed yet).
 
     Weights of layers the predicate selects become packed codes + scales (+ biases); the rest
-    are cast to the output dtype. ``chosen`` collects each quantized layer's settings.
+    are cast to the output dtype, routers to float32 (``transforms.cast_weight``: the rule the
+    loader applies; the predicates never select a router). ``chosen`` collects each quantized
+    layer's settings.
     """
     import mlx.core as mx
+
+    from mlxllm.models.transforms import cast_weight
 
     outputs = []
     for name in sorted(weights):
@@ -262,7 +266,7 @@ def _plan(weights: dict, modules: dict, predicate, out_dtype, chosen: dict) -> l
         if predicate is not None and leaf == "weight" and mpath in modules:
             q = predicate(mpath, modules[mpath])
         if not q:
-            outputs.append((name, _cast(w, out_dtype)))
+            outputs.append((name, cast_weight(name, w, out_dtype)))
             continue
         chosen[mpath] = q
         # quantize in the storage dtype: the codes are then fit to the rounded scales

@@ -16,7 +16,7 @@ import mlx.nn as nn
 
 from mlxllm.errors import MlxllmError
 from mlxllm.models import build_model
-from mlxllm.models.transforms import dequant_fp8_weights
+from mlxllm.models.transforms import cast_weight, dequant_fp8_weights
 from mlxllm.registry import resolve_alias
 
 # What a snapshot download fetches: weights, config and tokenizer files, never code or pickles.
@@ -186,20 +186,10 @@ def load_weights(path: Path) -> dict[str, mx.array]:
     return weights
 
 
-# MoE router weights and DeepSeek-V3's score-correction bias pick experts: reference
-# implementations keep them in float32, and bf16 rounding can flip a choice.
-KEEP_FLOAT32 = (".mlp.gate.weight", ".e_score_correction_bias")
-
-
 def cast_weights(weights: dict, dtype: mx.Dtype) -> dict:
-    """Floating tensors to ``dtype`` (routers to float32); packed integers stay as they are."""
-
-    def cast(k, v):
-        if not mx.issubdtype(v.dtype, mx.floating):
-            return v
-        return v.astype(mx.float32 if k.endswith(KEEP_FLOAT32) else dtype)
-
-    return {k: cast(k, v) for k, v in weights.items()}
+    """Floating tensors to ``dtype``, routers to float32 (``transforms.cast_weight``, the rule
+    the converter writes by); packed integers stay as they are."""
+    return {k: cast_weight(k, v, dtype) for k, v in weights.items()}
 
 
 def load_model(path: Path, dtype: mx.Dtype | None = None, lazy: bool = False) -> nn.Module:

@@ -13,6 +13,9 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxllm.layers.moe import QuantizedSwitchLinear, SwitchLinear
+from mlxllm.models.transforms import is_router  # routers are never quantized
+
 Predicate = Callable[[str, nn.Module], "bool | dict"]
 
 MODES = ("affine", "mxfp4", "mxfp8", "nvfp4")
@@ -37,11 +40,6 @@ def supported_modes() -> list[str]:
         except (ValueError, TypeError, RuntimeError):
             pass
     return ok
-
-
-def is_router(path: str) -> bool:
-    """MoE routers and gates stay in full precision: their logits pick experts."""
-    return path.endswith((".mlp.gate", ".shared_expert_gate", ".router"))
 
 
 def _quantizable(path: str, module: nn.Module, group_size: int) -> bool:
@@ -220,8 +218,6 @@ def dequantize_model(model: nn.Module, dtype: mx.Dtype = mx.float32) -> nn.Modul
     evaluation results are unchanged up to summation order; on MLX's CPU backend the float path
     uses BLAS and is much faster for long inputs.
     """
-    from mlxllm.layers.moe import QuantizedSwitchLinear, SwitchLinear
-
     kinds = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)
     replace = [(path, m) for path, m in model.named_modules() if isinstance(m, kinds)]
     for path, m in replace:

@@ -279,3 +279,92 @@ def test_interrupt_midway_leaves_no_output(hf, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         convert(hf, tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- MoE routers: float32 and never quantized (one rule: transforms.is_router) -------------
+
+# tensors the rule must cover (source: the checkpoints' own names, see test_deepseek and
+# test_moe_qwen): DeepSeek-V3's gate (not a linear) and its noaux_tc correction bias; Qwen2-MoE's
+# router linear and the shared expert's sigmoid gate
+MOE_ROUTERS = {
+    "deepseek_v3": [
+        f"model.layers.{i}.mlp.gate.{p}"
+        for i in (1, 2)
+        for p in ("weight", "e_score_correction_bias")
+    ],
+    "qwen2_moe": ["model.layers.1.mlp.gate.weight", "model.layers.1.mlp.shared_expert_gate.weight"],
+}
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoints(tmp_path_factory):
+    from test_deepseek import make_tiny_deepseek
+    from test_moe_qwen import _make_tiny
+
+    v3 = tmp_path_factory.mktemp("v3") / "hf"
+    make_tiny_deepseek("v3-yarn", v3, seed=3)
+    qwen = tmp_path_factory.mktemp("qwen2_moe") / "hf"
+    _make_tiny("qwen2_moe", qwen, seed=4)
+    return {"deepseek_v3": v3, "qwen2_moe": qwen}
+
+
+def _tensors(folder) -> dict:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(mx.load(str(f)))
+    return out
+
+
+def _is_router_tensor(name: str) -> bool:
+    from mlxllm.models.transforms import is_router
+
+    return is_router(name.rpartition(".")[0])
+
+
+@pytest.mark.parametrize("recipe", [None, "uniform", "mixed_4_6"])
+@pytest.mark.parametrize("family", list(MOE_ROUTERS))
+def test_moe_routers_are_float32_and_never_quantized(moe_checkpoints, tmp_path, family, recipe):
+    """``convert`` (bf16 output by default, optionally 4-bit) writes router tensors in float32 and
+    never quantizes them; everything else floating is bf16. The loader keeps them float32 in a
+    bf16 model, whose forward stays bf16; ``fuse`` writes them float32 too."""
+    from mlx.utils import tree_flatten
+
+    from mlxllm.loader import load_model
+    from mlxllm.lora import fuse
+    from mlxllm.lora.layers import apply_lora, save_adapter
+
+    kw = {} if recipe is None else dict(bits=4, group_size=32, recipe=recipe)
+    out = convert(moe_checkpoints[family], tmp_path / "out", progress=False, **kw)
+    tensors = _tensors(out)
+    routers = {k for k in tensors if _is_router_tensor(k)}
+    assert set(MOE_ROUTERS[family]) <= routers
+    for k in routers:
+        assert tensors[k].dtype == mx.float32, k
+        assert not k.endswith((".scales", ".biases")), k  # never quantized
+    others = {k: v.dtype for k, v in tensors.items() if k not in routers}
+    floats = {k: d for k, d in others.items() if mx.issubdtype(d, mx.floating)}
+    assert floats and set(floats.values()) == {mx.bfloat16}, floats
+    qconfig = json.loads((out / "config.json").read_text()).get("quantization", {})
+    if recipe:
+        assert any(k.endswith(".scales") for k in tensors)  # the rest is quantized
+        assert not any(_is_router_tensor(f"{p}.weight") for p in qconfig if "." in p)
+
+    model = load_model(out, dtype=mx.bfloat16)
+    params = dict(tree_flatten(model.parameters()))
+    for k in routers:
+        assert params[k].dtype == mx.float32, k
+    assert not any(
+        _is_router_tensor(f"{p}.weight") and "Quantized" in type(m).__name__
+        for p, m in model.named_modules()
+    )
+    assert {params[k].dtype for k in floats} == {mx.bfloat16}
+    # a float32 gate output must not turn the bf16 residual stream float32
+    assert model(mx.array([[5, 17, 300, 41, 12, 9, 310, 77]])).dtype == mx.bfloat16
+
+    if recipe is None:
+        apply_lora(model, rank=4, targets=("o_proj",))
+        save_adapter(model, tmp_path / "adapter")
+        fused = _tensors(fuse(out, tmp_path / "adapter", tmp_path / "fused"))  # bf16 output
+        assert {k for k in fused if _is_router_tensor(k)} == routers
+        assert {fused[k].dtype for k in routers} == {mx.float32}
+        assert {fused[k].dtype for k in floats} == {mx.bfloat16}

@@ -14,9 +14,11 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
+from mlx.utils import tree_flatten
 
 from helpers import SMOL, TOKENIZER_FILES, fixture_model, hf_greedy
 from mlxllm.generation.step import generate_step
@@ -394,3 +396,243 @@ def test_mlx_community_v3_layout_loads(tmp_path, bits):
     diff = np.abs(ours - theirs).max()
     print(f"bits={bits}: max |ours - mlx-lm| {diff:.2e}")
     np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-3)
+
+
+# ---- training and prefill with query-chunked MLA --------------------------------------------
+
+
+KV_B_TARGETS = ("q_proj", "kv_b_proj", "o_proj")
+
+
+def _chunked_model(folder, budget: int, form: str | None = None):
+    model = load_model(folder, dtype=mx.float32)
+    for layer in model.layers:
+        layer.self_attn.max_score_elems = budget
+    if form:
+        _set_form(model, form)
+    return model
+
+
+def _spy_attention(monkeypatch) -> list[int]:
+    """Record the query length of every attention call inside ``chunked_attention``."""
+    from mlxllm.layers import mla
+
+    lengths = []
+    inner = mla._attention
+
+    def spy(q, *args):
+        lengths.append(q.shape[2])
+        return inner(q, *args)
+
+    monkeypatch.setattr(mla, "_attention", spy)
+    return lengths
+
+
+def _randomize_lora_b(model, seed: int = 1):
+    """A trained-looking adapter: ``lora_b != 0``, so ``lora_a`` gets gradients too."""
+    from mlxllm.lora.layers import LoRALinear
+
+    mx.random.seed(seed)
+    for _, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            m.lora_b = 0.02 * mx.random.normal(m.lora_b.shape)
+    mx.eval(model.parameters())
+
+
+def _grads(step, batch) -> dict:
+    loss, _, g = step(*batch, None, False)  # update=False: the gradients, no optimizer step
+    mx.eval(loss, g)
+    return {k: np.array(v) for k, v in tree_flatten(g)}, loss.item()
+
+
+@pytest.mark.parametrize("form", ["absorbed", "expanded"])
+def test_compiled_lora_step_with_chunked_mla(checkpoints, monkeypatch, form):
+    """``make_step(compiled=True)`` on a DeepSeek-V2 whose MLA takes query chunks (and whose MoE
+    layers take the sorted expert path): it runs, its gradients equal the eager step's, and a
+    few compiled steps lower the loss. Adapters on q_proj, kv_b_proj (which the absorbed form
+    reads as a matrix) and o_proj."""
+    import mlx.optimizers as optim
+
+    from mlxllm.lora.layers import apply_lora
+    from mlxllm.lora.train import make_step
+
+    _, folder = checkpoints["v2-lite"]
+    model = _chunked_model(folder, budget=2000, form=form)
+    mx.random.seed(0)
+    apply_lora(model, rank=4, targets=KV_B_TARGETS)
+    _randomize_lora_b(model)
+    ids = mx.array(np.random.default_rng(7).integers(0, VOCAB, (2, 41)))
+    batch = (ids[:, :-1], ids[:, 1:], mx.ones((2, 40)))
+    lengths = _spy_attention(monkeypatch)
+
+    opt = optim.Adam(learning_rate=5e-4)
+    opt.init(model.trainable_parameters())
+    eager, eager_loss = _grads(make_step(model, opt, 1, compiled=False), batch)
+    assert lengths and max(lengths) < 40  # 2 * 4 heads * 40 keys * L <= 2000: L <= 6
+    lengths.clear()
+    compiled_step = make_step(model, opt, 1, compiled=True)
+    compiled, compiled_loss = _grads(compiled_step, batch)
+    assert lengths and max(lengths) < 40  # traced through the chunked path
+    assert abs(compiled_loss - eager_loss) <= 1e-5 * eager_loss
+    assert set(compiled) == set(eager)
+    assert "model.layers.2.self_attn.kv_b_proj.lora_a" in eager
+    for k in eager:
+        assert np.abs(eager[k]).max() > 0, k  # every adapter gets a gradient
+        np.testing.assert_allclose(compiled[k], eager[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+    losses = []
+    for _ in range(4):
+        loss, _, _ = compiled_step(*batch, None, True)
+        mx.eval(loss, model.trainable_parameters(), opt.state)
+        losses.append(loss.item())
+    print(f"{form}: compiled losses {[round(v, 4) for v in losses]}")
+    assert all(b < a for a, b in zip(losses, losses[1:], strict=False))  # one batch: goes down
+
+
+def test_prefill_chunks_follow_the_score_budget(checkpoints, monkeypatch):
+    """Generation's prefill feeds at most ``model.max_queries(offset)`` positions per call, so
+    one call's MLA scores fit one chunk (the layers no longer evaluate chunk by chunk); the
+    result is the full recompute's."""
+    from mlxllm.generation.step import prefill
+
+    _, folder = checkpoints["v3-yarn"]
+    model = _chunked_model(folder, budget=4 * 40 * 40)  # 40 queries at offset 0, fewer later
+    ids = _ids(120, 8)
+    full = np.array(model(mx.array([ids]))[0, -1])
+    calls = []
+    forward = type(model).__call__
+
+    def spy(self, x, cache=None):
+        calls.append((cache[0].offset, x.shape[1]))
+        return forward(self, x, cache)
+
+    monkeypatch.setattr(type(model), "__call__", spy)
+    lengths = _spy_attention(monkeypatch)
+    cache = model.make_cache()
+    prefill(model, ids[:-1], cache, chunk=32)
+    monkeypatch.undo()
+    print(f"prefill calls (offset, length): {calls}")
+    assert calls[0] == (0, 32)  # the chunk cap holds while the budget allows more
+    assert [n for _, n in calls] == sorted((n for _, n in calls), reverse=True)
+    assert calls[-1][1] < 16 and sum(n for _, n in calls) == len(ids) - 1
+    for offset, n in calls:
+        assert n == min(32, model.max_queries(offset), len(ids) - 1 - offset)
+        assert 4 * n * (offset + n) <= 4 * 40 * 40 or n == 1
+    assert set(lengths) == {n for _, n in calls}  # no call was split into query chunks
+    last = np.array(model(mx.array([ids[-1:]]), cache=cache)[0, -1])
+    np.testing.assert_allclose(last, full, rtol=1e-4, atol=1e-4)
+
+
+# ---- LoRA on kv_b_proj (read as a matrix by the absorbed form) ------------------------------
+
+
+def _quantized(model, bits):
+    from mlxllm.quant import make_predicate, quantize_model
+
+    if bits:
+        quantize_model(model, make_predicate("uniform", bits, 32))
+        assert type(model.layers[0].self_attn.kv_b_proj).__name__ == "QuantizedLinear"
+    return model
+
+
+def _forms_agree(model, ids, tol=1e-4) -> np.ndarray:
+    """Logits in the absorbed and the expanded form (equal), returned."""
+    _set_form(model, "absorbed")
+    absorbed = np.array(model(ids)[0])
+    _set_form(model, "expanded")
+    expanded = np.array(model(ids)[0])
+    diff = np.abs(absorbed - expanded).max()
+    print(f"absorbed vs expanded with the adapter: max |diff| {diff:.2e}")
+    np.testing.assert_allclose(absorbed, expanded, rtol=tol, atol=tol)
+    return expanded
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("bits", [None, 4])
+def test_lora_on_kv_b_proj_absorbed_equals_expanded(checkpoints, bits, dora):
+    """With an adapter on kv_b_proj (float base or QLoRA, LoRA or DoRA) the absorbed form, which
+    reads kv_b_proj as a matrix, computes what the expanded form (which calls it) computes:
+    logits, a changed adapter (no stale cached W_UK/W_UV) and the adapter's gradients."""
+    from mlxllm.lora.layers import apply_lora
+    from mlxllm.lora.train import masked_loss
+
+    _, folder = checkpoints["v2-glg"]
+    model = _quantized(load_model(folder, dtype=mx.float32), bits)
+    ids = mx.array([_ids(24, 9)])
+    base = np.array(model(ids)[0])
+    mx.random.seed(0)
+    apply_lora(model, rank=4, targets=KV_B_TARGETS, dora=dora)
+    np.testing.assert_allclose(_forms_agree(model, ids), base, rtol=1e-4, atol=1e-4)  # at init
+    _randomize_lora_b(model)
+    adapted = _forms_agree(model, ids)
+    assert np.abs(adapted - base).max() > 1e-2  # the adapter acts
+
+    # a new adapter value (what an optimizer step assigns) is seen by the absorbed form
+    kv_b = model.layers[1].self_attn.kv_b_proj
+    kv_b.lora_b = kv_b.lora_b * 3
+    again = _forms_agree(model, ids)
+    assert np.abs(again - adapted).max() > 1e-3
+
+    grads = {}
+    for form in ("absorbed", "expanded"):
+        _set_form(model, form)
+        _, g = nn.value_and_grad(model, masked_loss)(
+            model, ids[:, :-1], ids[:, 1:], mx.ones((1, 23))
+        )
+        grads[form] = {k: np.array(v) for k, v in tree_flatten(g) if ".kv_b_proj." in k}
+    names = {f"model.layers.{i}.self_attn.kv_b_proj.lora_{w}" for i in range(3) for w in "ab"}
+    assert names <= set(grads["absorbed"])
+    for k, g in grads["absorbed"].items():
+        assert np.abs(g).max() > 0, k
+        np.testing.assert_allclose(g, grads["expanded"][k], rtol=1e-3, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_fuse_with_kv_b_proj_adapter_equals_unfused(checkpoints, tmp_path, bits):
+    """``fuse_model`` and ``mlxllm fuse`` (``mlxllm.lora.fuse``) with an adapter on kv_b_proj
+    give the unfused adapter's logits; on a quantized base (QLoRA, a folder written by
+    ``convert``) fused to float, and re-quantized with the base's settings."""
+    from mlxllm.convert import convert
+    from mlxllm.layers.linear import dense_weight
+    from mlxllm.lora import fuse
+    from mlxllm.lora.layers import LoRALinear, apply_lora, fuse_model, load_adapter, save_adapter
+
+    _, hf = checkpoints["v3-yarn"]
+    folder = hf
+    if bits:
+        folder = convert(
+            hf, tmp_path / "q4", bits=bits, group_size=32, dtype="float32", progress=False
+        )
+    model = load_model(folder, dtype=mx.float32)
+    mx.random.seed(0)
+    apply_lora(model, rank=4, targets=KV_B_TARGETS)
+    _randomize_lora_b(model)
+    ids = mx.array([_ids(40, 10)])  # 40 > 32: the by-cost form is expanded; decode is absorbed
+    unfused = np.array(model(ids)[0])
+    save_adapter(model, tmp_path / "adapter")
+
+    fuse_model(model, dequantize=True)
+    assert not any(isinstance(m, LoRALinear) for _, m in model.named_modules())
+    assert type(model.layers[0].self_attn.kv_b_proj).__name__ == "Linear"
+    in_memory = _forms_agree(model, ids)
+    np.testing.assert_allclose(in_memory, unfused, rtol=1e-4, atol=1e-4)
+
+    out = fuse(folder, tmp_path / "adapter", tmp_path / "fused", dequantize=True)
+    fused = load_model(out, dtype=mx.float32)
+    assert type(fused.layers[0].self_attn.kv_b_proj).__name__ == "Linear"
+    diff = np.abs(_forms_agree(fused, ids) - unfused).max()
+    print(f"bits={bits}: mlxllm fuse (float) vs unfused adapter: max |diff| {diff:.2e}")
+    assert diff < 1e-4
+    if bits:
+        out = fuse(folder, tmp_path / "adapter", tmp_path / "requantized")
+        requantized = load_model(out, dtype=mx.float32)
+        kv_b = requantized.layers[0].self_attn.kv_b_proj
+        assert type(kv_b).__name__ == "QuantizedLinear" and kv_b.bits == bits
+        # the fused float weight on the base's grid: MLX's affine rounding (the zero point is
+        # snapped to the grid) is off by less than one step (|scale|) per weight
+        err = np.abs(np.array(dense_weight(kv_b) - model.layers[0].self_attn.kv_b_proj.weight))
+        assert (err <= np.repeat(np.abs(np.array(kv_b.scales)), 32, axis=1) * 1.001).all()
+        # and the folder computes what the re-quantizing fuse computes in memory
+        mem = load_adapter(load_model(folder, dtype=mx.float32), tmp_path / "adapter")
+        want = _forms_agree(fuse_model(mem), ids)
+        np.testing.assert_allclose(_forms_agree(requantized, ids), want, rtol=1e-5, atol=1e-5)

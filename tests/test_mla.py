@@ -5,6 +5,8 @@ Tiny random MLA layers in float32 (the layer alone, explicit arguments); no chec
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from mlxllm.cache.latent import LatentCache
-from mlxllm.layers.mla import MLA, absorb_max_len_for
+from mlxllm.layers.mla import MLA, absorb_max_len_for, max_queries
 from mlxllm.layers.rope import RoPE
 
 DIM, HEADS, R, NOPE, DR, V = 64, 4, 32, 16, 8, 16
@@ -102,21 +104,26 @@ def test_absorb_cost_model():
 
 
 def _prefill_peak(m: MLA, S: int) -> int:
+    """Peak memory of a prefill that feeds ``m.max_queries(offset)`` positions per call and
+    evaluates between calls (what ``generation.step.prefill`` does with a model)."""
     x = mx.random.normal((1, S, DIM), key=mx.random.key(S))
     mx.eval(x)
     mx.synchronize()
     base = mx.get_active_memory()
     mx.reset_peak_memory()
     cache = LatentCache()
-    y = m(x, mask="causal", cache=cache)
-    mx.eval(y, cache.state)  # the prefill itself: outputs and the stored latent
+    while cache.offset < S:
+        i = cache.offset
+        n = m.max_queries(i)
+        y = m(x[:, i : i + n], mask="causal" if n > 1 else None, cache=cache)
+        mx.eval(y, cache.state)  # the prefill itself: outputs and the stored latent
     return mx.get_peak_memory() - base
 
 
 @pytest.mark.parametrize("form", ["absorbed", "expanded"])
 def test_prefill_memory_grows_linearly(form):
     """16 heads, S up to 4096: a [heads, S, S] float32 score tensor alone would be 1 GiB."""
-    m = make_mla(heads=16, dr=16, max_score_elems=1 << 22)  # 16 MiB of scores per query chunk
+    m = make_mla(heads=16, dr=16, max_score_elems=1 << 22)  # 16 MiB of scores per chunk
     m.absorb_max_len = 1 << 30 if form == "absorbed" else 0
     peaks = {S: _prefill_peak(m, S) for S in (1024, 2048, 4096)}
     full_scores = 16 * 4096 * 4096 * 4
@@ -129,6 +136,62 @@ def test_prefill_memory_grows_linearly(form):
     assert peaks[2048] < 2.2 * peaks[1024]
     assert peaks[4096] < 2.2 * peaks[2048]
     assert peaks[4096] < full_scores / 8
+
+
+@pytest.mark.parametrize("heads, budget", [(4, 2000), (16, 1 << 22), (3, 7)])
+def test_max_queries_is_the_longest_call_with_one_score_chunk(heads, budget):
+    """``max_queries(offset)`` queries after ``offset`` cached positions fit one score chunk
+    (``heads * L * (offset + L) <= budget``, so ``chunked_attention`` does not split them) and
+    one more would not; at least one query always goes through."""
+    for offset in (0, 1, 7, 100, 4095, 100_000):
+        L = max_queries(heads, offset, budget)
+        fits = heads * L * (offset + L) <= budget
+        assert fits or L == 1, (offset, L)
+        assert heads * (L + 1) * (offset + L + 1) > budget, (offset, L)
+        assert L <= max(1, budget // (heads * (offset + L)))  # chunked_attention's own chunk
+    m = make_mla(max_score_elems=2000)
+    assert m.max_queries(27) == max_queries(HEADS, 27, 2000) == 12  # 4 * 12 * 39 = 1872
+    assert m.max_queries(27, batch=2) == max_queries(HEADS, 27, 2000, batch=2)
+
+
+def test_layers_and_models_never_evaluate():
+    """Layers and family forwards run under ``mx.compile`` and autodiff, where evaluating
+    raises; memory is bounded by the callers (prefill) instead. A plain source check."""
+    import mlxllm
+
+    root = Path(mlxllm.__file__).parent
+    hits = [
+        f"{path.relative_to(root)}:{i}: {line.strip()}"
+        for sub in ("layers", "models")
+        for path in sorted((root / sub).glob("*.py"))
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if "mx.eval(" in line or "mx.async_eval(" in line
+    ]
+    assert not hits, "\n".join(hits)
+
+
+@pytest.mark.parametrize("form", ["absorbed", "expanded"])
+def test_chunked_layer_compiles_and_differentiates(form):
+    """A layer whose attention takes query chunks runs under ``mx.compile`` and ``mx.grad``
+    and computes what it computes eagerly (the chunks' evaluation used to raise there)."""
+    m = make_mla(q_lora_rank=24, max_score_elems=500)
+    m.absorb_max_len = 1 << 30 if form == "absorbed" else 0
+    x = mx.random.normal((2, 24, DIM), key=mx.random.key(4))
+    assert 500 // (2 * HEADS * 24) < 24  # several query chunks
+
+    def loss(params, x):
+        m.update(params)
+        return (m(x, mask="causal") ** 2).mean()
+
+    eager_loss, eager_grad = mx.value_and_grad(loss)(m.trainable_parameters(), x)
+    compiled_loss, compiled_grad = mx.compile(mx.value_and_grad(loss))(m.trainable_parameters(), x)
+    assert abs(compiled_loss.item() - eager_loss.item()) <= 1e-6 * abs(eager_loss.item())
+    eager, compiled = dict(tree_flatten(eager_grad)), dict(tree_flatten(compiled_grad))
+    assert set(eager) == set(compiled)
+    for k in eager:
+        np.testing.assert_allclose(
+            np.array(compiled[k]), np.array(eager[k]), rtol=1e-4, atol=1e-7, err_msg=k
+        )
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])

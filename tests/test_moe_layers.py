@@ -224,6 +224,27 @@ def test_cpu_segments_with_unused_and_rare_experts(quantized):
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_sorted_experts_compile_and_differentiate(quantized):
+    """Under ``mx.compile`` (the compiled finetune step) the CPU's per-expert segments cannot
+    read their row counts on the host; the sorted path then takes ``gather_mm``: same values
+    and input gradients as eager (which takes the segments)."""
+    glu = _glu(bias=True)
+    if quantized:
+        nn.quantize(glu, group_size=32, bits=4)
+    x, idx = mx.array(_hidden(11, n=40)), mx.array(_indices(40))
+    w = mx.softmax(mx.array(_hidden(12, n=40)[:, :K]), axis=-1)
+
+    def loss(x, idx):  # the routing is an input, as in a model: traced, not a constant
+        return (glu(x, idx, w, sort=True) ** 2).sum()
+
+    eager_loss, eager_dx = mx.value_and_grad(loss)(x, idx)
+    compiled_loss, compiled_dx = mx.compile(mx.value_and_grad(loss))(x, idx)
+    np.testing.assert_allclose(compiled_loss.item(), eager_loss.item(), rtol=1e-5)
+    np.testing.assert_allclose(np.array(compiled_dx), np.array(eager_dx), rtol=1e-4, atol=1e-5)
+    assert np.abs(np.array(eager_dx)).max() > 0
+
+
 @pytest.mark.parametrize("n_tokens", [1, 3, 50])  # gathered-expert cast / full cast + gather_mm
 def test_bfloat16_runs_on_cpu_and_is_close(n_tokens):
     glu, x, idx = _glu(), _hidden(10, n=n_tokens), _indices(n_tokens)

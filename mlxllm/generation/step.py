@@ -36,18 +36,26 @@ def prefill(
 ) -> None:
     """Run ``ids`` through the model into ``cache`` in chunks of at most ``chunk`` tokens.
 
-    Chunking bounds the activation memory of long prompts (scores are chunk x context). The
-    chunk size follows the measured speed so that each chunk takes about ``PREFILL_SECONDS``
-    (between ``MIN_PREFILL_CHUNK`` and ``chunk``, at most doubling per step): an interrupt is
-    answered and ``progress(done, total, seconds)`` is called about that often, on a slow CPU as
-    on a GPU (where it stays at ``chunk``).
+    Chunking bounds the activation memory of long prompts (scores are chunk x context). Where
+    the model's attention has a score budget (MLA: ``model.max_queries``), chunks shrink as the
+    context grows so that one chunk's scores stay within it: the layers do not evaluate inside a
+    call, so this loop is what bounds the peak. Within those bounds the chunk size follows the
+    measured speed so that each chunk takes about ``PREFILL_SECONDS`` (at least
+    ``MIN_PREFILL_CHUNK``, at most doubling per step): an interrupt is answered and
+    ``progress(done, total, seconds)`` is called about that often, on a slow CPU as on a GPU
+    (where it stays at ``chunk``).
     """
+    limit = getattr(model, "max_queries", None)
     done, size, t0 = 0, min(chunk, 4 * MIN_PREFILL_CHUNK), time.perf_counter()
     while done < len(ids):
         t = time.perf_counter()
-        piece = ids[done : done + size]
+        n = size
+        if limit is not None:
+            n = min(n, limit(cache[0].offset) or n)
+        piece = ids[done : done + n]
         model(mx.array(piece)[None], cache=cache)
-        # evaluate the cache now so the graph of the next chunk stays small
+        # evaluate the cache now so the graph of the next chunk stays small and the scores of
+        # this chunk are freed before the next is built
         mx.eval([c.state for c in cache])
         done += len(piece)
         now = time.perf_counter()

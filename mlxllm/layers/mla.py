@@ -9,14 +9,18 @@ so the cache holds only ``c_kv`` and ``k_pe`` (``LatentCache``). Attention is co
 two equivalent forms, both reading that cache:
 
 - absorbed (decode, short inputs): ``W_UK`` is folded into the query and ``W_UV`` applied after
-  attention, so all heads attend over the single latent "KV head" ``[c_kv, k_pe]``;
+  attention, so all heads attend over the single latent "KV head" ``[c_kv, k_pe]`` (the matrix
+  is read through ``layers.linear.dense_weight``: a plain, quantized or adapted ``kv_b_proj``);
 - expanded (long prefill): per-head ``k_nope``/``v`` are rebuilt from the latent by
   ``kv_b_proj`` and attention is ordinary multi-head attention.
 
 The choice is a cost model (``absorb_max_len``): absorbed attention does more work per
 (query, key) pair (``2 * kv_lora_rank + rope`` vs ``nope + rope + v``) but skips the expansion
 (``kv_lora_rank * (nope + v)`` per key and head). Long inputs are processed in query chunks so
-that scores are ``heads x chunk x S``, never ``heads x L x S``.
+that no score tensor is larger than ``heads x chunk x S``. Nothing here evaluates (the layer runs
+under ``mx.compile`` and autodiff): chunks of one lazy graph bound each tensor, not the peak, so
+callers that bound memory feed at most ``MLA.max_queries(offset)`` positions per evaluated call
+(generation's prefill does, through ``CausalLM.max_queries``).
 
 References: DeepSeek-V2 (arXiv:2405.04434) section 2.1 and appendix C (absorption);
 HF ``transformers/models/deepseek_v2/modeling_deepseek_v2.py`` for the parameter names.
@@ -24,12 +28,15 @@ HF ``transformers/models/deepseek_v2/modeling_deepseek_v2.py`` for the parameter
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from mlxllm.cache.latent import LatentCache
 from mlxllm.kernels import decode as decode_kernels
 from mlxllm.kernels import memo, mla_decode, on_cuda, params_of
+from mlxllm.layers.linear import dense_weight, weight_arrays
 from mlxllm.layers.rope import RoPE
 
 # q_a_layernorm / kv_a_layernorm use the reference's default eps, not the config's rms_norm_eps
@@ -85,6 +92,12 @@ def chunked_attention(
 ) -> mx.array:
     """``scaled_dot_product_attention`` over query chunks of at most ``max_score_elems`` scores.
 
+    The chunks are one lazy graph: each score tensor is bounded, but evaluated together the
+    backend allocates several chunks ahead of computing them (measured on the CPU backend, 16
+    heads, S = 4096, 16 MiB chunks: ~270 MiB peak vs ~60 MiB evaluating chunk by chunk). An
+    evaluation here would fail under ``mx.compile``; callers that must bound peak memory pass
+    queries that fit one chunk (``max_queries``) and evaluate between calls.
+
     Args:
         q: ``[B, n_heads, L, d]``; the queries are the last ``L`` positions of the keys.
         k, v: ``[B, n_kv_heads, S, d]`` / ``[B, n_kv_heads, S, dv]``, ``n_heads % n_kv_heads == 0``.
@@ -113,13 +126,16 @@ def chunked_attention(
             m = mask if i1 - i0 > 1 else None
         elif mask is not None:
             m = mask[..., i0:i1, :] if mask.shape[-2] == L else mask
-        o = _attention(q[:, :, i0:i1], kc, vc, scale, m)
-        # evaluate chunk by chunk: left lazy, the backend allocates the scores of several chunks
-        # ahead of computing them (measured: 2-3x the peak at S = 4096, even with mx.depends
-        # chaining the chunks), which is the memory that chunking is meant to save
-        mx.eval(o)
-        outs.append(o)
+        outs.append(_attention(q[:, :, i0:i1], kc, vc, scale, m))
     return mx.concatenate(outs, axis=2)
+
+
+def max_queries(n_heads: int, offset: int, max_score_elems: int, batch: int = 1) -> int:
+    """Most queries ``L`` after ``offset`` cached positions whose scores fit in one chunk:
+    the largest ``L >= 1`` with ``batch * n_heads * L * (offset + L) <= max_score_elems``."""
+    c = max_score_elems // (batch * n_heads)
+    # the positive root of L^2 + offset * L - c, rounded down (floor(floor(x) / 2) = floor(x / 2))
+    return max(1, (math.isqrt(offset * offset + 4 * c) - offset) // 2)
 
 
 def absorb_max_len_for(kv_lora_rank: int, qk_nope_head_dim: int, v_head_dim: int) -> int:
@@ -196,6 +212,14 @@ class MLA(nn.Module):
         )
         self.o_proj = nn.Linear(n_heads * v_head_dim, dim, bias=bias)
         self.rope = rope
+        # float32 [dr / 2] inverse wavelengths for the decode kernels: a lazy constant (private,
+        # so not a parameter), evaluated with the first step that reads it
+        self._inv_freq = (1.0 / rope._freqs).astype(mx.float32)
+
+    def max_queries(self, offset: int, batch: int = 1) -> int:
+        """Most new positions one call may take after ``offset`` cached ones with its attention
+        scores in one chunk of ``max_score_elems`` (see ``chunked_attention``)."""
+        return max_queries(self.n_heads, offset, self.max_score_elems, batch)
 
     # ---- projections -------------------------------------------------------------------------
 
@@ -222,34 +246,24 @@ class MLA(nn.Module):
     def _kv_b_weights(self) -> tuple[mx.array, mx.array]:
         """``W_UK[heads, nope, r]`` and ``W_UV[heads, v, r]`` from ``kv_b_proj``, contiguous.
 
-        Cached: splitting (and, for a quantized ``kv_b_proj``, dequantizing) the weight on every
-        decode step costs extra kernels per layer. The cache is keyed on the weight array, so
-        loading or training new weights recomputes it.
+        Read through ``dense_weight``: a plain, quantized (dequantized here) or adapted (LoRA /
+        DoRA: base plus update) ``kv_b_proj`` alike. Cached, since splitting and dequantizing on
+        every decode step costs extra kernels per layer; the key is the identity of every array
+        the weight comes from (an adapter's included), so loading, quantizing, fusing or a new
+        adapter value recomputes it. Training traces fresh arrays each step (autodiff and
+        ``mx.compile`` copy their inputs), so there it is recomputed inside the trace and the
+        absorbed form is differentiable through an adapter on ``kv_b_proj``.
         """
-        key = self.kv_b_proj.weight  # held, so identity cannot be reused by another array
-        cached = self.__dict__.get("_w_ukv")
-        if cached is None or cached[0] is not key:
-            w_uk, w_uv = self._split_kv_b()
-            w_uk, w_uv = mx.contiguous(w_uk), mx.contiguous(w_uv)
-            object.__setattr__(self, "_w_ukv", (key, w_uk, w_uv))
-            cached = self.__dict__["_w_ukv"]
-        return cached[1], cached[2]
+        lin = self["kv_b_proj"]
 
-    def _split_kv_b(self) -> tuple[mx.array, mx.array]:
-        lin = self.kv_b_proj
-        if isinstance(lin, nn.QuantizedLinear):
-            w = mx.dequantize(
-                lin.weight,
-                lin.scales,
-                lin.get("biases"),
-                group_size=lin.group_size,
-                bits=lin.bits,
-                mode=lin.mode,
+        def build():
+            w = dense_weight(lin).reshape(
+                self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank
             )
-        else:
-            w = lin.weight
-        w = w.reshape(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
-        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
+            w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
+            return mx.contiguous(w_uk), mx.contiguous(w_uv)
+
+        return memo(self, "_w_ukv", (), weight_arrays(lin), build)
 
     # ---- the two attention forms ---------------------------------------------------------------
 
@@ -292,15 +306,6 @@ class MLA(nn.Module):
         k = mx.concatenate([k_nope, k_pe], axis=-1)  # [B, H, S, nope + dr]
         q = mx.concatenate([q_nope, q_pe], axis=-1)
         return chunked_attention(q, k, v, self.scale, mask, self.max_score_elems)
-
-    def _rope_inv_freq(self) -> mx.array:
-        """float32 ``[dr / 2]`` inverse wavelengths of ``self.rope`` (for the decode kernels)."""
-        inv = self.__dict__.get("_inv_freq")
-        if inv is None:
-            inv = (1.0 / self.rope._freqs).astype(mx.float32)
-            mx.eval(inv)
-            object.__setattr__(self, "_inv_freq", inv)
-        return inv
 
     def _decode_flags(self, x: mx.array, w_uk, w_uv) -> tuple[bool, bool] | None:
         """Whether this decode step takes the CUDA kernels (None: no), and of them the fused
@@ -345,7 +350,7 @@ class MLA(nn.Module):
             w_uk,
             norm_kv["weight"],
             norm_kv.eps,
-            self._rope_inv_freq(),
+            self._inv_freq,
             rope.scale,
             rope.traditional,
             buffer,

@@ -223,12 +223,17 @@ class SwitchGLU(nn.Module):
         h = swiglu(g, u) if weight is None else weighted_swiglu(g, u, weight)
         return self.down_proj(h, indices, sorted_indices)
 
-    def _segments(self, rows: mx.array, sorted_indices: mx.array) -> mx.array:
+    def _segments(self, rows: mx.array, sorted_indices: mx.array) -> mx.array | None:
         # MLX's CPU gather_mm does one GEMV per row (~1 GFLOP/s); a BLAS matmul per expert over
         # its contiguous rows is ~8x faster for a 512-token prefill. The row counts are needed on
         # the host, which evaluates the router here (one sync per MoE layer, prefill only).
-        counts = np.bincount(np.array(sorted_indices), minlength=self.gate_proj.n_experts)
-        counts = counts.tolist()
+        try:
+            ids = np.array(sorted_indices)
+        except ValueError:
+            # inside mx.compile (the compiled finetune step) nothing can be read on the host:
+            # None tells the caller to take gather_mm, which needs no counts
+            return None
+        counts = np.bincount(ids, minlength=self.gate_proj.n_experts).tolist()
         h = swiglu(self.gate_proj.segments(rows, counts), self.up_proj.segments(rows, counts))
         return self.down_proj.segments(h, counts)
 
@@ -253,9 +258,9 @@ class SwitchGLU(nn.Module):
             sort = indices.size >= SORT_THRESHOLD
         if sort:
             rows, idx, inverse = _sort_by_expert(x.reshape(-1, D), indices.reshape(-1, k))
-            if mx.default_device() == mx.cpu:
-                y = self._segments(rows[:, 0], idx)  # [N*k, D] in expert order
-            else:
+            # CPU: [N*k, D] in expert order, one matmul per expert (None under mx.compile)
+            y = self._segments(rows[:, 0], idx) if mx.default_device() == mx.cpu else None
+            if y is None:
                 y = self._experts(rows, idx, True)  # [N*k, 1, D] in expert order
             y = y[inverse].reshape(*lead, k, D)
         elif weights is not None and not _has_bias(self.down_proj):

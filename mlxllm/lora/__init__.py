@@ -48,6 +48,7 @@ def fuse(
     from mlxllm.loader import load_config, load_model, resolve
     from mlxllm.lora.layers import fuse_model, load_adapter
     from mlxllm.output import check_output, staged_output
+    from mlxllm.models.transforms import cast_weight
     from mlxllm.quant import dequantize_model, make_predicate, quantize_model
 
     check_settings(bits, dtype, group_size)
@@ -81,7 +82,7 @@ def fuse(
         tensors = dict(tree_flatten(model.parameters()))
         tensors.update(getattr(model, "aside_weights", {}) or {})
         for name, v in tensors.items():
-            writer.add(name, v.astype(out_dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
+            writer.add(name, cast_weight(name, v, out_dtype))  # routers stay float32
         write_index(tmp, writer.close(), writer.total_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         for name in COPY_FILES:

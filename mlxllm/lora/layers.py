@@ -33,6 +33,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxllm.errors import MlxllmError
+from mlxllm.layers.linear import QUANTIZED, dense_weight
 from mlxllm.layers.moe import QuantizedSwitchLinear, SwitchLinear, _needs_f32
 
 # Attention projections of GQA blocks: the usual LoRA choice, small and effective.
@@ -41,28 +42,10 @@ ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
 
 
-_QUANTIZED = (nn.QuantizedLinear, QuantizedSwitchLinear)
-
-
-def _base_weight(linear: nn.Module) -> mx.array:
-    """The float weight ``[out, in]`` (stacked experts: ``[E, out, in]``) a plain or quantized
-    layer computes with."""
-    if isinstance(linear, _QUANTIZED):
-        return mx.dequantize(
-            linear.weight,
-            linear.scales,
-            linear.get("biases"),
-            linear.group_size,
-            linear.bits,
-            mode=linear.mode,
-        )
-    return linear.weight
-
-
 def _dims(linear: nn.Module) -> tuple[int, int]:
     """(input_dims, output_dims) of a plain or quantized linear (or stacked experts)."""
     out_dims, packed = linear.weight.shape[-2:]
-    if isinstance(linear, _QUANTIZED):
+    if isinstance(linear, QUANTIZED):
         return packed * 32 // linear.bits, out_dims
     return packed, out_dims
 
@@ -93,7 +76,7 @@ class LoRALinear(nn.Module):
         linear.freeze()
         lora.linear = linear
         if dora:
-            lora.magnitude = mx.linalg.norm(_base_weight(linear).astype(mx.float32), axis=1)
+            lora.magnitude = mx.linalg.norm(dense_weight(linear).astype(mx.float32), axis=1)
         return lora
 
     def __init__(
@@ -125,14 +108,16 @@ class LoRALinear(nn.Module):
         bias = self.linear.get("bias")
         if bias is not None:
             y = y - bias
-        w = _base_weight(self.linear).astype(mx.float32) + self._delta()
+        w = dense_weight(self.linear).astype(mx.float32) + self._delta()
         factor = self.magnitude / mx.linalg.norm(w, axis=1)  # [out]
         y = y * factor.astype(y.dtype)
         return y + bias if bias is not None else y
 
     def fused_weight(self) -> mx.array:
-        """Base weight with the adapter merged, float32 ``[out, in]``."""
-        w = _base_weight(self.linear).astype(mx.float32) + self._delta()
+        """Base weight with the adapter merged, float32 ``[out, in]``: this layer computes
+        ``x @ w.T`` (bias and dropout aside), and code that reads the matrix sees it through
+        ``layers.linear.dense_weight``."""
+        w = dense_weight(self.linear).astype(mx.float32) + self._delta()
         if self.dora:
             w = (self.magnitude / mx.linalg.norm(w, axis=1))[:, None] * w
         return w
@@ -211,7 +196,7 @@ class LoRASwitchLinear(nn.Module):
 
     def fused_weight(self) -> mx.array:
         """Stacked base weights with the adapters merged, float32 ``[E, out, in]``."""
-        w = _base_weight(self.linear)
+        w = dense_weight(self.linear)
         delta = self.scale * (self.lora_a.astype(mx.float32) @ self.lora_b.astype(mx.float32))
         return w.astype(mx.float32) + delta.swapaxes(-1, -2)
 

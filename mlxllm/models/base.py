@@ -158,6 +158,22 @@ class CausalLM(nn.Module):
     def layers(self):
         return self.model.layers
 
+    def max_queries(self, offset: int, batch: int = 1) -> int | None:
+        """Most new positions one call should take after ``offset`` cached ones so that every
+        attention layer with a score budget (MLA) computes its scores in one chunk; None when
+        no layer has one.
+
+        Layers never evaluate (they run under ``mx.compile`` and autodiff), so their query
+        chunks bound each score tensor but not the peak of one lazy call; callers that bound
+        memory (generation's prefill) feed at most this many positions per evaluated call.
+        """
+        limits = [
+            layer.self_attn.max_queries(offset, batch)
+            for layer in self.layers
+            if hasattr(layer.self_attn, "max_queries")
+        ]
+        return min(limits) if limits else None
+
     def make_cache(self):
         from mlxllm.cache import make_kv_caches
 

@@ -8,7 +8,7 @@
 
 Both: layer ``i`` is sparse unless ``i`` is in ``mlp_only_layers`` or
 ``(i + 1) % decoder_sparse_step != 0`` (then a dense SwiGLU of ``intermediate_size``). The
-router ``mlp.gate`` (``dim -> num_experts``, kept in full precision) picks
+router ``mlp.gate`` (``dim -> num_experts``, kept in float32 like ``shared_expert_gate``) picks
 ``num_experts_per_tok`` experts by softmax, renormalized if ``norm_topk_prob``. ``rope_scaling``
 (YaRN for long context) is honoured as in the dense families.
 
@@ -133,7 +133,10 @@ class SparseMoeBlock(nn.Module):
             return run(x, indices, weights, gate, residual)
         y = self.experts(x, indices, weights)  # [B, L, D]
         if shared is not None:
-            y = y + mx.sigmoid(self.shared_expert_gate(x)) * shared(x)
+            # the gate's weight is float32 (a router, see transforms.is_router): back to x's
+            # dtype, or a bf16 residual stream would turn float32 from here on
+            gate = mx.sigmoid(self.shared_expert_gate(x)).astype(x.dtype)
+            y = y + gate * shared(x)
         return y if residual is None else residual + y
 
 

@@ -1,4 +1,4 @@
-"""Named weight transforms shared by the loader and the converter."""
+"""Named weight transforms (and the router dtype rule) shared by the loader and the converter."""
 
 from __future__ import annotations
 
@@ -40,6 +40,33 @@ def dequant_fp8_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
         if wk in out:
             out[wk] = dequant_fp8_blockwise(out[wk], out.pop(sk))
     return out
+
+
+# MoE routers, by module path: ``mlp.gate`` (Qwen-MoE's linear, DeepSeek's ``Router`` with V3's
+# ``e_score_correction_bias``), Qwen2-MoE's ``shared_expert_gate``, and ``router``. Their logits
+# pick experts, and bf16 rounding or quantization error in these weights can flip a choice, so
+# reference implementations keep them in float32. The one rule for the loader, the converter,
+# ``fuse`` and the quantization recipes: routers are kept float32 and never quantized.
+ROUTERS = (".mlp.gate", ".shared_expert_gate", ".router")
+# what a router stored packed by another tool holds besides its codes: cast like any quantized
+# layer's (the rule is for the float tensors a router computes with)
+_PACKED = ("scales", "biases")
+
+
+def is_router(path: str) -> bool:
+    """Whether the module at ``path`` (``model.layers.3.mlp.gate``) is a MoE router (or gate):
+    never quantized, its tensors kept float32 (``cast_weight``)."""
+    return path.endswith(ROUTERS)
+
+
+def cast_weight(name: str, w: mx.array, dtype: mx.Dtype) -> mx.array:
+    """The checkpoint tensor ``name`` in the dtype it is stored and computed in: floating
+    tensors in ``dtype``, a router's (``is_router``) in float32; integers (packed codes, MX scale
+    bytes) as they are. Without the router exception bf16 rounding can flip expert choices."""
+    if not mx.issubdtype(w.dtype, mx.floating):
+        return w
+    path, _, leaf = name.rpartition(".")
+    return w.astype(mx.float32 if is_router(path) and leaf not in _PACKED else dtype)
 
 
 _EXPERT_KEY = re.compile(r"^(.*\.experts)\.(\d+)\.([^.]+)\.(weight|bias|scales|biases)$")
