@@ -162,8 +162,9 @@ def convert(
     if recipe is not None and recipe not in RECIPES:
         raise MlxllmError(f"--recipe {recipe!r} is unknown; use {' or '.join(RECIPES)}")
     if recipe == "mixed_4_6" and (mode != "affine" or bits not in (None, 4)):
-        raise MlxllmError("--recipe mixed_4_6 is 4-bit affine (6 bits where it matters); drop "
-                          "--bits/--mode")
+        raise MlxllmError(
+            "--recipe mixed_4_6 is 4-bit affine (6 bits where it matters); drop --bits/--mode"
+        )
     group_size = group_size or 64
 
     # 1. validate everything before writing anything

@@ -47,8 +47,8 @@ def fuse(
     from mlxllm.convert.safetensors_io import StreamingWriter, write_index
     from mlxllm.loader import load_config, load_model, resolve
     from mlxllm.lora.layers import fuse_model, load_adapter
-    from mlxllm.output import check_output, staged_output
     from mlxllm.models.transforms import cast_weight
+    from mlxllm.output import check_output, staged_output
     from mlxllm.quant import dequantize_model, make_predicate, quantize_model
 
     check_settings(bits, dtype, group_size)
