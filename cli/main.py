@@ -55,10 +55,9 @@ def _user_errors(interrupted: str | None = None):
         _fail(interrupted, 130)
 
 
-DTYPES = ("float32", "float16", "bfloat16")
-
-
 def _check_dtype(dtype: str | None):
+    from mlxllm.convert import DTYPES  # a light module: std lib only at import
+
     if dtype is not None and dtype not in DTYPES:
         _fail(f"--dtype {dtype}: use {', '.join(DTYPES)}")
 

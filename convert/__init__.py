@@ -47,6 +47,30 @@ def check_settings(bits: int | None, dtype: str | None, group_size: int | None =
         raise MlxllmError(f"--dtype {dtype} is not supported; use {', '.join(DTYPES)}")
 
 
+def check_quantization(bits: int | None, group_size: int | None, mode: str, recipe: str | None):
+    """``--mode``/``--recipe`` and the bits and group size they allow (MX formats fix both)."""
+    from mlxllm.quant import MODE_DEFAULTS, RECIPES, supported_modes
+
+    if mode != "affine":
+        if mode not in supported_modes():
+            modes = ", ".join(supported_modes())
+            raise MlxllmError(f"--mode {mode!r} is not supported by this MLX; use one of {modes}")
+        fixed = MODE_DEFAULTS[mode]
+        asked = {"bits": bits, "group_size": group_size}
+        clash = [k for k, v in asked.items() if v is not None and v != fixed[k]]
+        if clash:
+            raise MlxllmError(
+                f"--mode {mode} fixes {fixed['bits']} bits and group size {fixed['group_size']}; "
+                f"drop --{clash[0].replace('_', '-')}"
+            )
+    if recipe is not None and recipe not in RECIPES:
+        raise MlxllmError(f"--recipe {recipe!r} is unknown; use {' or '.join(RECIPES)}")
+    if recipe == "mixed_4_6" and (mode != "affine" or bits not in (None, 4)):
+        raise MlxllmError(
+            "--recipe mixed_4_6 is 4-bit affine (6 bits where it matters); drop --bits/--mode"
+        )
+
+
 def check_not_quantized(config: dict, path: Path) -> None:
     """Refuse a source that is already quantized (an MLX layout, GPTQ/AWQ/bitsandbytes...):
     its packed weights cannot be quantized again. FP8 checkpoints are dequantized instead."""
@@ -138,33 +162,10 @@ def convert(
     from mlxllm.models.base import normalize_rope
     from mlxllm.models.transforms import cast_weight, dequant_fp8_weights
     from mlxllm.output import check_output, staged_output
-    from mlxllm.quant import (
-        MODE_DEFAULTS,
-        RECIPES,
-        make_predicate,
-        quantization_config,
-        supported_modes,
-    )
+    from mlxllm.quant import make_predicate, quantization_config
 
+    check_quantization(bits, group_size, mode, recipe)
     check_settings(bits, dtype, group_size if mode == "affine" else None)
-    if mode != "affine" and mode not in supported_modes():
-        modes = ", ".join(supported_modes())
-        raise MlxllmError(f"--mode {mode!r} is not supported by this MLX; use one of {modes}")
-    if mode != "affine":
-        fixed = MODE_DEFAULTS[mode]
-        asked = {"bits": bits, "group_size": group_size}
-        clash = [k for k, v in asked.items() if v is not None and v != fixed[k]]
-        if clash:
-            raise MlxllmError(
-                f"--mode {mode} fixes {fixed['bits']} bits and group size {fixed['group_size']}; "
-                f"drop --{clash[0].replace('_', '-')}"
-            )
-    if recipe is not None and recipe not in RECIPES:
-        raise MlxllmError(f"--recipe {recipe!r} is unknown; use {' or '.join(RECIPES)}")
-    if recipe == "mixed_4_6" and (mode != "affine" or bits not in (None, 4)):
-        raise MlxllmError(
-            "--recipe mixed_4_6 is 4-bit affine (6 bits where it matters); drop --bits/--mode"
-        )
     group_size = group_size or 64
 
     # 1. validate everything before writing anything

@@ -7,6 +7,8 @@ traceback. Python callers catch the same types and read the same messages.
 from __future__ import annotations
 
 import errno
+import json
+from pathlib import Path
 
 
 class MlxllmError(Exception):
@@ -29,3 +31,18 @@ def os_error_line(e: OSError) -> str:
     if e.errno == errno.EROFS:
         return f"read-only file system{where}; write to another folder"
     return f"{e.strerror or e}{where}"
+
+
+def read_json_object(path: Path, what: str = "JSON file") -> dict:
+    """A JSON file a user may have broken that must hold an object (a config, a tokenizer
+    config, a weight index): its contents, or one line naming the file and the fix."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MlxllmError(f"{path} is not valid JSON ({e}); fix or re-download it") from None
+    if not isinstance(data, dict):
+        raise MlxllmError(
+            f"{path} holds a JSON {type(data).__name__}, not the object a {what} is; "
+            "fix or re-download it"
+        )
+    return data

@@ -7,14 +7,13 @@ config.json and packed ``weight``/``scales``/``biases``).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxllm.errors import MlxllmError
+from mlxllm.errors import MlxllmError, read_json_object
 from mlxllm.models import build_model
 from mlxllm.models.transforms import cast_weight, dequant_fp8_weights
 from mlxllm.registry import resolve_alias
@@ -123,25 +122,11 @@ def resolve(name: str | os.PathLike, revision: str | None = None) -> Path:
     return path
 
 
-def _read_json_object(path: Path, what: str) -> dict:
-    """A JSON file that must hold an object, or one line naming the file and the fix."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MlxllmError(f"{path} is not valid JSON ({e}); fix or re-download it") from None
-    if not isinstance(data, dict):
-        raise MlxllmError(
-            f"{path} holds a JSON {type(data).__name__}, not the object a {what} is; "
-            "fix or re-download it"
-        )
-    return data
-
-
 def load_config(path: Path) -> dict:
-    config = _read_json_object(path / "config.json", "model config")
+    config = read_json_object(path / "config.json", "model config")
     gen = path / "generation_config.json"
     if gen.exists():
-        config["_generation_config"] = _read_json_object(gen, "generation config")
+        config["_generation_config"] = read_json_object(gen, "generation config")
     return config
 
 
@@ -149,7 +134,7 @@ def weight_files(path: Path) -> list[Path]:
     """The safetensors shards, checked against the index when there is one."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _read_json_object(index, "weight index").get("weight_map")
+        weight_map = read_json_object(index, "weight index").get("weight_map")
         if not isinstance(weight_map, dict) or not all(
             isinstance(v, str) for v in weight_map.values()
         ):

@@ -28,7 +28,7 @@ from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from mlxllm.errors import MlxllmError
+from mlxllm.errors import MlxllmError, read_json_object
 
 __all__ = [
     "ChatTemplateError",
@@ -62,16 +62,7 @@ class ChatTemplateError(MlxllmError, ValueError, TemplateError):
 
 def _read_json(path: Path) -> dict:
     """An optional JSON object file ({} when absent); a malformed one is one clear error."""
-    if not path.is_file():
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MlxllmError(f"{path} is not valid JSON ({e}); fix or re-download it") from None
-    if not isinstance(data, dict):
-        raise MlxllmError(f"{path} holds a JSON {type(data).__name__}, not an object; fix it")
-    return data
+    return read_json_object(path, "tokenizer file") if path.is_file() else {}
 
 
 def _token_str(value: Any) -> str | None:

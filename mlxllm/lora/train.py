@@ -365,8 +365,10 @@ def train(
     from rich.console import Console
 
     console = Console(stderr=True, quiet=not progress)
-    check_training(iters, batch_size, learning_rate, grad_accum, max_seq_length, warmup,
-                   save_every, eval_every, weight_decay, seed=seed)  # fmt: skip
+    settings = dict(iters=iters, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
+    settings.update(grad_accum=grad_accum, max_seq_length=max_seq_length, warmup=warmup)
+    check_training(**settings, save_every=save_every, eval_every=eval_every,
+                   weight_decay=weight_decay)  # fmt: skip
     folder = check_adapter_path(adapter_path, resume, force)
     data = load_dataset(data_dir, tokenizer, max_seq_length, mask_prompt)
     train_set, valid_set = data["train"], data["valid"]
