@@ -3,7 +3,11 @@
 A cache is an object per layer, made by ``model.make_cache()`` and passed into the model. The
 protocol (what the generation engine relies on):
 
-- ``offset``: number of positions already stored (the RoPE position of the next token);
+- ``offset``: number of positions already stored;
+- ``position``: the RoPE position of the next token (``offset`` here; a batch cache gives one
+  per row, ``[B]``, since its rows are left-padded to a common length);
+- ``make_mask(L)``: the attention mask for ``L`` new queries (``None``, ``"causal"`` or an
+  array; called before the layers store them);
 - ``update_and_fetch(keys, values)``: append ``[B, n_kv_heads, L, head_dim]`` and return all
   stored keys/values ``[B, n_kv_heads, offset + L, head_dim]``;
 - ``state``: the arrays to evaluate (``mx.eval(c.state)`` after a prefill chunk);
@@ -28,8 +32,28 @@ class Cache(Protocol):
 
     def trim(self, n: int) -> int: ...
 
+    @property
+    def position(self) -> int | mx.array: ...
 
-class KVCache:
+    def make_mask(self, L: int) -> str | mx.array | None: ...
+
+
+class _Single:
+    """What the one-sequence caches share: position, mask."""
+
+    offset: int
+
+    @property
+    def position(self) -> int:
+        return self.offset
+
+    def make_mask(self, L: int) -> str | None:
+        # one query needs no mask; several use the fused causal mask, which MLX aligns to the
+        # end of the keys (query i sees keys [0, offset + i])
+        return "causal" if L > 1 else None
+
+
+class KVCache(_Single):
     """Plain per-layer K/V cache that grows in blocks of ``step`` positions.
 
     Growing in blocks keeps decode allocation-free for ``step - 1`` of every ``step`` tokens:
@@ -72,6 +96,12 @@ class KVCache:
         n = min(self.offset, n)
         self.offset -= n
         return n
+
+    def load(self, state: list[mx.array]) -> None:
+        """Hold ``state`` (``[keys, values]`` of ``[1, n_kv_heads, n, head_dim]``, e.g. from a
+        prefix store) as the first ``n`` positions."""
+        self.keys, self.values = state
+        self.offset = self.keys.shape[2]
 
     @property
     def nbytes(self) -> int:

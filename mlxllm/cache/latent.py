@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from mlxllm.cache import _Single
 
-class LatentCache:
+
+class LatentCache(_Single):
     """Cache protocol (``offset``, ``update_and_fetch``, ``state``, ``trim``) over the latent.
 
     Grows in blocks of ``step`` positions, like ``KVCache``.
@@ -77,6 +79,13 @@ class LatentCache:
         n = min(self.offset, n)
         self.offset -= n
         return n
+
+    def load(self, state: list[mx.array]) -> None:
+        """Hold ``state`` (``[joint]``, ``[1, 1, n, r + dr]``, e.g. from a prefix store) as the
+        first ``n`` positions (``rank`` is set again by the next write, which precedes any
+        read)."""
+        (self.buffer,) = state
+        self.offset = self.buffer.shape[2]
 
     @property
     def nbytes(self) -> int:

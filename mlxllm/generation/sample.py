@@ -12,10 +12,12 @@ import mlx.core as mx
 
 from mlxllm.errors import InvalidArgument
 
-Sampler = Callable[[mx.array], mx.array]
+# sampler(logits[B, V], key=None) -> ids[B]; ``key``: an ``mx.random.key`` (a request's own
+# random stream; None draws from the global one, ``mx.random.seed``)
+Sampler = Callable[..., mx.array]
 
 
-def greedy(logits: mx.array) -> mx.array:
+def greedy(logits: mx.array, key: mx.array | None = None) -> mx.array:
     return mx.argmax(logits, axis=-1)
 
 
@@ -89,12 +91,12 @@ def make_sampler(
     if temperature == 0:
         return greedy
 
-    def sample(logits: mx.array) -> mx.array:
+    def sample(logits: mx.array, key: mx.array | None = None) -> mx.array:
         logits = logits.astype(mx.float32) / temperature
         logits = apply_top_k(logits, top_k)
         logits = apply_min_p(logits, min_p)
         logits = apply_top_p(logits, top_p)
-        return mx.random.categorical(logits, axis=-1)
+        return mx.random.categorical(logits, axis=-1, key=key)
 
     return sample
 

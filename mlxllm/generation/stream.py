@@ -49,7 +49,7 @@ def _encode_prompt(tokenizer, prompt, system: str | None, chat_template: bool | 
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def _split_at_stop(text: str, stops: list[str], final: bool = False) -> tuple[str, str, bool]:
+def split_at_stop(text: str, stops: list[str], final: bool = False) -> tuple[str, str, bool]:
     """Split ``text`` into (safe to emit, held back, stop matched).
 
     On a match the safe part ends right before the stop string. Otherwise the held-back tail is
@@ -174,7 +174,7 @@ def stream_generate(
                 reason = "stop"
                 break
             pending += detok.add(token)
-            out, held, cut = _split_at_stop(pending, stops)
+            out, held, cut = split_at_stop(pending, stops)
             if cut:
                 pending, reason = out, "stop"
                 break
@@ -182,7 +182,7 @@ def stream_generate(
             if out:
                 yield chunk(out, token)
         if not cut:
-            out, _, cut = _split_at_stop(pending + detok.finalize(), stops, final=True)
+            out, _, cut = split_at_stop(pending + detok.finalize(), stops, final=True)
             pending = out
             if cut:
                 reason = "stop"

@@ -51,7 +51,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         # [B, L, heads, head_dim] -> [B, heads, L, head_dim]
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-        offset = cache.offset if cache is not None else 0
+        # the next position: an int, or one per row of a batch cache ([B])
+        offset = cache.position if cache is not None else 0
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)

@@ -223,7 +223,7 @@ class MLA(nn.Module):
 
     # ---- projections -------------------------------------------------------------------------
 
-    def _queries(self, x: mx.array, offset: int) -> tuple[mx.array, mx.array]:
+    def _queries(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array]:
         B, L, _ = x.shape
         if "q_proj" in self:
             q = self.q_proj(x)
@@ -234,7 +234,7 @@ class MLA(nn.Module):
         q_nope, q_pe = mx.split(q, [self.qk_nope_head_dim], axis=-1)
         return q_nope, self.rope(q_pe, offset)
 
-    def latent(self, x: mx.array, offset: int) -> tuple[mx.array, mx.array]:
+    def latent(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array]:
         """``x[B, L, dim]`` -> latent ``c_kv[B, 1, L, r]`` (normalized), ``k_pe[B, 1, L, dr]``
         (roped)."""
         B, L, _ = x.shape
@@ -285,7 +285,8 @@ class MLA(nn.Module):
         if q.shape[2] == 1 and mx.default_device() == mx.gpu:
             # GPU decode: the fused kernel over the contiguous [c_kv, k_pe] buffer as both keys
             # and values (a strided c_kv view as values is ~4x slower); drop the k_pe columns
-            o_lat = mx.fast.scaled_dot_product_attention(q, kv, kv, scale=self.scale)
+            # (mask: None, or a batch cache's padding mask)
+            o_lat = mx.fast.scaled_dot_product_attention(q, kv, kv, scale=self.scale, mask=mask)
             o_lat = o_lat[..., : c_kv.shape[-1]]
         else:
             o_lat = chunked_attention(q, kv, c_kv, self.scale, mask, self.max_score_elems)
@@ -371,7 +372,7 @@ class MLA(nn.Module):
             flags = self._decode_flags(x, w_uk, w_uv)
             if flags is not None and cache.buffer.dtype == x.dtype:
                 return self._decode_kernels(x, cache, w_uk, w_uv, *flags)
-        offset = cache.offset if cache is not None else 0
+        offset = cache.position if cache is not None else 0  # int, or [B] for a batch cache
         q_nope, q_pe = self._queries(x, offset)
         c_kv, k_pe = self.latent(x, offset)
         kv = None

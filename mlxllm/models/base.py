@@ -129,7 +129,9 @@ class Backbone(nn.Module):
     def __call__(self, ids: mx.array, cache=None) -> mx.array:
         h = self.embed_tokens(ids)
         cache = cache or [None] * len(self.layers)
-        mask = attention_mask(ids.shape[1], cache[0].offset if cache[0] is not None else 0)
+        L = ids.shape[1]
+        # the cache knows its layout (a batch cache masks its rows' padding)
+        mask = cache[0].make_mask(L) if cache[0] is not None else attention_mask(L, 0)
         for layer, c in zip(self.layers, cache, strict=True):
             h = layer(h, mask, c)
         return self.norm(h)

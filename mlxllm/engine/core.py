@@ -1,0 +1,576 @@
+"""The serving engine: continuous batching, chunked prefill between decode steps, prefix reuse.
+
+Requests (token ids and their own sampling settings) wait in a bounded queue, are admitted when
+their cache fits the memory budget, and have their prompt prefilled in chunks, one chunk per
+engine step, so that running streams keep producing a token every step. A prefilled request
+joins the running batch: every step is then ONE model call over all running requests (a batch
+cache, ``cache/batch.py``: rows left-padded, KV or MLA latent), and each request leaves the batch
+when it is done or cancelled. The cache states of prompts and of finished requests go to a
+``PrefixStore``; a new request starts from its longest stored prefix and prefills only the rest.
+
+``Engine.step()`` is the whole scheduler, synchronous and single-threaded: tests drive it
+directly. ``submit``/``cancel`` may be called from any thread, and ``start()`` runs the steps in
+a background thread; ``Handle`` objects deliver each request's events to a thread or an asyncio
+task (``engine/handle.py``). The engine is text-free: token ids in, token events out.
+
+Extension points (not used yet): ``_decode`` returns one token per row and the emission loop
+takes a list per row, so a speculative step that verifies several tokens per call plugs in
+there; ``_prefill_chunk`` is where embeddings at placeholder positions would enter.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import secrets
+import threading
+
+import mlx.core as mx
+
+from mlxllm.cache.batch import batch_caches
+from mlxllm.engine.prefix import PrefixStore
+from mlxllm.errors import InvalidArgument, MlxllmError
+from mlxllm.generation.sample import check_sampling, make_sampler
+from mlxllm.generation.sample import repetition_penalty as make_rep_penalty
+from mlxllm.models.base import context_length
+
+
+class QueueFull(MlxllmError):
+    """The engine's waiting queue is full: retry later or raise ``max_queued``."""
+
+
+@dataclasses.dataclass
+class Request:
+    """One generation request (token ids; text is the caller's, see ``engine/handle.py``).
+
+    Args:
+        prompt: token ids (at least one).
+        max_tokens: most new tokens.
+        temperature, top_p, top_k, min_p, repetition_penalty: sampling, as in ``generate``.
+        seed: the request's own random stream (``mx.random.key(seed)``): the same request with
+            the same seed samples the same tokens whatever else runs beside it.
+        stop_token_ids: ids that end the request besides the engine's eos ids.
+        logprobs: None, or how many top alternatives to report with each token's log
+            probability (0: only the chosen token's).
+    """
+
+    prompt: list[int]
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None
+
+
+@dataclasses.dataclass
+class Event:
+    """A token of request ``request_id`` (or its end, ``token=None``).
+
+    ``finish_reason``: None while it runs, then "stop" (an eos or stop id, which is the event's
+    token), "length" (max_tokens), "cancelled" or "error" (``error`` says why).
+    """
+
+    request_id: int
+    token: int | None
+    finish_reason: str | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens that came from the prefix store
+    generation_tokens: int = 0
+    error: str | None = None
+    text: str = ""  # the token's text, filled in by a ``Handle`` that has a tokenizer
+
+
+@dataclasses.dataclass
+class EngineStats:
+    prompt_tokens: int = 0  # prompt tokens of admitted requests
+    cached_tokens: int = 0  # of those, taken from the prefix store
+    prefill_tokens: int = 0  # computed by prefill
+    decode_steps: int = 0
+    generated_tokens: int = 0
+
+
+class _Seq:
+    """A request inside the engine."""
+
+    def __init__(self, rid: int, req: Request, eos: set[int]):
+        self.id, self.req = rid, req
+        self.stop_ids = eos | set(req.stop_token_ids)
+        self.sampler = make_sampler(req.temperature, req.top_p, req.top_k, req.min_p)
+        self.greedy = req.temperature == 0
+        self.processors = (
+            [make_rep_penalty(req.repetition_penalty)] if req.repetition_penalty else []
+        )
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        self.key = mx.random.key(seed)
+        self.generated: list[int] = []
+        self.cache = None  # per-layer single caches while prefilling
+        self.cached = 0  # prompt tokens from the prefix store
+        self.done = 0  # prompt tokens in the cache
+        self.calls = 0  # decode calls that fed this row a token
+        self.unread = 0  # decode calls whose token for this row is not read yet
+        self.finished = False
+
+    @property
+    def fed(self) -> int:
+        """Generated tokens in the cache: the first call feeds the last prompt token, each
+        later one the token before."""
+        return max(self.calls - 1, 0)
+
+    @property
+    def total(self) -> int:
+        """Positions this request may hold at most (its cache reservation)."""
+        return len(self.req.prompt) + self.req.max_tokens
+
+
+def default_budget() -> int:
+    """Bytes for caches when the caller gives none: 3/4 of the device's memory (Metal's
+    recommended working set, the GPU's memory on CUDA, RAM on the CPU) less what is already in
+    use (the weights)."""
+    total = 0
+    try:
+        info = mx.device_info()
+        total = int(info.get("max_recommended_working_set_size") or info.get("memory_size") or 0)
+    except Exception:  # an older MLX without device_info: fall through to RAM
+        total = 0
+    if not total:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(0, int(0.75 * total) - mx.get_active_memory())
+
+
+class Engine:
+    """Continuous batching over one model (see module doc).
+
+    Args:
+        model: a built mlxllm model (any family).
+        eos_token_ids: ids that end every request (the tokenizer's).
+        max_batch: most requests decoding or prefilling at once.
+        prefill_chunk: most prompt tokens per prefill call (bounds activation memory and how
+            long the running streams wait per step).
+        memory_budget: bytes for all caches (running batch, prefills, prefix store); default
+            ``default_budget()``.
+        prefix_cache_bytes: most bytes the prefix store keeps (default: the budget; it gives
+            way to running requests); 0 turns prefix reuse off.
+        max_queued: requests that may wait for admission; more raise ``QueueFull``.
+        allow_long_prompt: admit prompts longer than the model's context.
+    """
+
+    def __init__(
+        self,
+        model,
+        eos_token_ids=(),
+        *,
+        max_batch: int = 32,
+        prefill_chunk: int = 512,
+        memory_budget: int | None = None,
+        prefix_cache_bytes: int | None = None,
+        max_queued: int = 256,
+        allow_long_prompt: bool = False,
+    ):
+        if max_batch < 1 or prefill_chunk < 1 or max_queued < 0:
+            raise InvalidArgument("max_batch and prefill_chunk must be >= 1, max_queued >= 0")
+        self.model = model
+        self.eos = set(eos_token_ids)
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        self.budget = default_budget() if memory_budget is None else int(memory_budget)
+        store_bytes = self.budget if prefix_cache_bytes is None else int(prefix_cache_bytes)
+        self.store = PrefixStore(min(store_bytes, self.budget))
+        self.max_queued = max_queued
+        self.context = None if allow_long_prompt else context_length(model.config)
+        self.stats = EngineStats()
+        self._ids = 0
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._waiting: collections.deque[_Seq] = collections.deque()
+        self._cancels: dict[int, str] = {}
+        self._prefilling: collections.deque[_Seq] = collections.deque()
+        self.rows: list[_Seq] = []  # the running batch, in cache row order
+        self._caches = None  # per-layer batch caches of self.rows
+        self._inputs: mx.array | None = None  # [B] next input token of each row
+        self._unread = None  # (tokens [B], logprob arrays, rows) of the last decode call
+        self._bpt: int | None = None
+        self._handles: dict = {}
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    # ---- the thread-safe front -----------------------------------------------------------
+
+    def check(self, req: Request) -> None:
+        """Refuse a request that can never run (``InvalidArgument``, one line)."""
+        check_sampling(req.temperature, req.top_p, req.top_k, req.min_p,
+                       req.repetition_penalty, req.seed, req.max_tokens)  # fmt: skip
+        if not req.prompt:
+            raise InvalidArgument("the prompt is empty; pass at least one token")
+        if req.logprobs is not None and not 0 <= req.logprobs <= 20:
+            raise InvalidArgument(f"logprobs {req.logprobs}: use 0 to 20 alternatives")
+        if self.context and len(req.prompt) > self.context:
+            raise InvalidArgument(
+                f"the prompt is {len(req.prompt)} tokens, longer than the model's context of "
+                f"{self.context}; shorten it (or start the engine with allow_long_prompt)"
+            )
+
+    def submit(self, req: Request, handle=None) -> int:
+        """Queue ``req``; returns its id. Raises ``QueueFull`` when ``max_queued`` wait."""
+        self.check(req)
+        with self._lock:
+            if len(self._waiting) >= self.max_queued:
+                raise QueueFull(
+                    f"{len(self._waiting)} requests are already waiting (max_queued="
+                    f"{self.max_queued}); retry later or raise max_queued"
+                )
+            self._ids += 1
+            seq = _Seq(self._ids, req, self.eos)
+            if handle is not None:
+                self._handles[seq.id] = handle
+            self._waiting.append(seq)
+            self._wake.notify_all()
+            return seq.id
+
+    def open(self, req: Request, tokenizer=None, stop: list[str] | tuple = ()):
+        """Submit ``req`` and return its ``Handle`` (events for a thread or asyncio task; with
+        a tokenizer, text deltas and ``stop`` strings). Needs ``start()`` (or someone calling
+        ``step()``) to make progress."""
+        from mlxllm.engine.handle import Handle
+
+        h = Handle(self, tokenizer, stop)
+        with self._lock:  # the id is known before the engine thread can push to it
+            h.id = self.submit(req, handle=h)
+        return h
+
+    def cancel(self, request_id: int, reason: str = "cancelled") -> None:
+        """End a request at the next step; its cache rows are freed then (any thread)."""
+        with self._lock:
+            self._cancels[request_id] = reason
+            self._wake.notify_all()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._waiting or self._prefilling or self.rows or self._cancels)
+
+    # ---- the scheduler -------------------------------------------------------------------
+
+    def step(self) -> list[Event]:
+        """One scheduler iteration: cancels, admission, one decode call over the running batch,
+        one prefill chunk; returns the events it produced (also given to the handles)."""
+        events: list[Event] = []
+        self._apply_cancels(events)
+        self._admit(events)
+        pipelined = not any(s.processors for s in self.rows)
+        if pipelined:
+            # the next call is queued before this step's tokens are read: the device computes
+            # while Python emits; rows whose unread token is their last leave first
+            self._retire([s for s in self.rows if self._last_unread(s)], store=True)
+            launched = self._decode()
+            self._emit(events)
+        else:
+            # logits processors read each row's history: tokens are read before the next call
+            self._emit(events)
+            launched = self._decode()
+        self._unread = launched
+        self._prefill_step()
+        for ev in events:
+            h = self._handles.get(ev.request_id)
+            if h is not None:
+                h._push(ev)
+                if ev.finish_reason is not None:
+                    self._handles.pop(ev.request_id, None)
+        return events
+
+    def _last_unread(self, s: _Seq) -> bool:
+        return s.unread > 0 and len(s.generated) + s.unread >= s.req.max_tokens
+
+    def _apply_cancels(self, events: list[Event]) -> None:
+        with self._lock:
+            cancels, self._cancels = self._cancels, {}
+            waiting = [s for s in self._waiting if s.id in cancels]
+            for s in waiting:
+                self._waiting.remove(s)
+        if not cancels:
+            return
+        gone = [s for s in self._prefilling if s.id in cancels]
+        for s in gone:
+            self._prefilling.remove(s)
+            s.cache = None
+        rows = [s for s in self.rows if s.id in cancels]
+        self._retire(rows, store=False)
+        for s in waiting + gone + rows:
+            s.finished = True
+            events.append(self._event(s, None, cancels[s.id]))
+        if rows and self._caches is not None:
+            # evaluate the smaller buffers now so the cancelled rows' memory is freed at once
+            mx.eval([c.state for c in self._caches])
+
+    def _bytes_per_token(self) -> int:
+        if self._bpt is None:
+            # one token through a fresh cache: every family's per-position cache size
+            cache = self.model.make_cache()
+            self.model(mx.array([[0]]), cache=cache)
+            mx.eval([c.state for c in cache])
+            self._bpt = sum(c.nbytes for c in cache)
+        return self._bpt
+
+    def reserved(self, extra: list[_Seq] = ()) -> int:
+        """Bytes the running and prefilling requests (and ``extra``) may reach: rows padded to
+        the longest, each at its full length, in blocks of the cache's growth step."""
+        seqs = self.rows + list(self._prefilling) + list(extra)
+        if not seqs:
+            return 0
+        longest = max(s.total for s in seqs) + 256
+        return len(seqs) * longest * self._bytes_per_token()
+
+    def _admit(self, events: list[Event]) -> None:
+        while True:
+            with self._lock:
+                if not self._waiting or len(self.rows) + len(self._prefilling) >= self.max_batch:
+                    return
+                seq = self._waiting[0]
+            need = self.reserved([seq])
+            if need + self.store.nbytes > self.budget:
+                self.store.evict(limit=max(0, self.budget - need))  # the store gives way
+            if need + self.store.nbytes > self.budget:
+                if self.rows or self._prefilling:
+                    return  # wait for running requests to finish
+                with self._lock:
+                    self._waiting.popleft()
+                seq.finished = True
+                events.append(self._event(seq, None, "error", error=(
+                    f"the request needs {need / 2**30:.2f} GiB of cache (prompt "
+                    f"{len(seq.req.prompt)} + max_tokens {seq.req.max_tokens}) but the memory "
+                    f"budget is {self.budget / 2**30:.2f} GiB; lower max_tokens or shorten "
+                    "the prompt, or give the engine a larger memory_budget")))  # fmt: skip
+                continue
+            with self._lock:
+                self._waiting.popleft()
+            self._start_prefill(seq)
+
+    def _start_prefill(self, seq: _Seq) -> None:
+        prompt = seq.req.prompt
+        seq.cache = self.model.make_cache()
+        # the last prompt token is the row's first input in the batch: never take it from the
+        # store, so that every request runs at least one token
+        n, states = self.store.lookup(prompt, limit=len(prompt) - 1)
+        if n:
+            for c, state in zip(seq.cache, states, strict=True):
+                c.load(state)
+        seq.cached = seq.done = n
+        self.stats.prompt_tokens += len(prompt)
+        self.stats.cached_tokens += n
+        self._prefilling.append(seq)
+
+    def _prefill_step(self) -> None:
+        """Prefill up to ``prefill_chunk`` prompt tokens, in order of arrival (while nothing is
+        decoding, at least the first request's whole prompt); a request whose prompt is in its
+        cache joins the batch."""
+        spent = 0
+        while self._prefilling and (spent < self.prefill_chunk or not self.rows):
+            seq = self._prefilling[0]
+            todo = len(seq.req.prompt) - 1 - seq.done
+            if todo > 0:
+                spent += self._prefill_chunk(seq, min(todo, max(self.prefill_chunk - spent, 1)))
+            if seq.done == len(seq.req.prompt) - 1:
+                self._prefilling.popleft()
+                self._join(seq)
+
+    def _prefill_chunk(self, seq: _Seq, n: int) -> int:
+        """Run the next ``n`` (at most) prompt tokens of ``seq``; returns how many ran."""
+        limit = getattr(self.model, "max_queries", None)
+        if limit is not None:
+            n = min(n, limit(seq.done) or n)
+        ids = seq.req.prompt[seq.done : seq.done + n]
+        self.model(mx.array(ids)[None], cache=seq.cache)
+        # evaluate per chunk: bounds the activations to one chunk and frees them before the
+        # next step's decode call
+        mx.eval([c.state for c in seq.cache])
+        seq.done += n
+        self.stats.prefill_tokens += n
+        return n
+
+    def _join(self, seq: _Seq) -> None:
+        prompt = seq.req.prompt
+        if seq.done > seq.cached:
+            self.store.insert(prompt[: seq.done], [c.state for c in seq.cache])
+            self._fit_store()
+        rows = batch_caches([seq.cache])
+        seq.cache = None
+        first = mx.array(prompt[-1:], dtype=mx.int32)
+        if self._caches is None:
+            self._caches, self._inputs = rows, first
+        else:
+            for mine, theirs in zip(self._caches, rows, strict=True):
+                mine.extend(theirs)
+            self._inputs = mx.concatenate([self._inputs, first])
+        self.rows.append(seq)
+
+    def _retire(self, seqs: list[_Seq], store: bool) -> None:
+        """Take ``seqs`` out of the running batch; their cache state goes to the prefix store
+        when ``store``."""
+        if not seqs:
+            return
+        gone = {s.id for s in seqs}
+        for i, s in enumerate(self.rows):
+            if s.id in gone and store:
+                n = len(s.req.prompt) + s.fed
+                ids = s.req.prompt + s.generated[: s.fed]
+                self.store.insert(ids, [c.row_state(i, n) for c in self._caches])
+        if store:
+            self._fit_store()
+        keep = [i for i, s in enumerate(self.rows) if s.id not in gone]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self._caches, self._inputs = None, None
+            return
+        for c in self._caches:
+            c.filter(keep)
+        self._inputs = self._inputs[mx.array(keep, dtype=mx.int32)]
+
+    def _fit_store(self) -> None:
+        """The prefix store keeps only what the running requests leave of the budget."""
+        self.store.evict(limit=max(0, self.budget - self.reserved()))
+
+    def _decode(self):
+        """One model call over the running batch; returns the lazy tokens (and logprobs)."""
+        if not self.rows:
+            return None
+        rows = list(self.rows)
+        logits = self.model(self._inputs[:, None], cache=self._caches)[:, -1, :]  # [B, V]
+        tokens = self._sample(rows, logits)
+        lp = None
+        want = [s.req.logprobs for s in rows if s.req.logprobs is not None]
+        if want:
+            logprobs = logits.astype(mx.float32)
+            logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+            chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+            k = max(want)
+            top = mx.argsort(-logprobs, axis=-1)[:, :k] if k else None
+            top_lp = mx.take_along_axis(logprobs, top, axis=-1) if k else None
+            lp = (chosen, top, top_lp)
+        for s in rows:
+            s.calls += 1
+            s.unread += 1
+        self._inputs = tokens
+        self.stats.decode_steps += 1
+        mx.async_eval(tokens, *(a for a in (lp or ()) if a is not None))
+        return tokens, lp, rows
+
+    def _sample(self, rows: list[_Seq], logits: mx.array) -> mx.array:
+        if all(s.greedy and not s.processors for s in rows):
+            return mx.argmax(logits, axis=-1).astype(mx.int32)
+        picks = []
+        for i, s in enumerate(rows):
+            row = logits[i : i + 1]
+            for p in s.processors:
+                row = p(s.req.prompt + s.generated, row)
+            s.key, key = mx.random.split(s.key)
+            picks.append(s.sampler(row, key=key).astype(mx.int32))
+        return mx.concatenate(picks)
+
+    def _emit(self, events: list[Event]) -> None:
+        """Hand out the tokens of the last decode call; rows that end leave the batch."""
+        if self._unread is None:
+            return
+        tokens, lp, rows = self._unread
+        self._unread = None
+        ids = tokens.tolist()
+        if lp is not None:
+            chosen = lp[0].tolist()
+            top = lp[1].tolist() if lp[1] is not None else None
+            top_lp = lp[2].tolist() if lp[2] is not None else None
+        ended = []
+        for i, s in enumerate(rows):
+            if s.finished:
+                continue  # cancelled or ended after this call was queued
+            token = ids[i]
+            s.unread -= 1
+            s.generated.append(token)
+            self.stats.generated_tokens += 1
+            reason = None
+            if token in s.stop_ids:
+                reason = "stop"
+            elif len(s.generated) >= s.req.max_tokens:
+                reason = "length"
+            ev = self._event(s, token, reason)
+            if lp is not None and s.req.logprobs is not None:
+                ev.logprob = chosen[i]
+                n = s.req.logprobs
+                ev.top_logprobs = list(zip(top[i][:n], top_lp[i][:n], strict=True)) if n else []
+            events.append(ev)
+            if reason is not None:
+                s.finished = True
+                ended.append(s)
+        self._retire([s for s in ended if s in self.rows], store=True)
+
+    def _event(self, s: _Seq, token, reason, error=None) -> Event:
+        return Event(
+            request_id=s.id,
+            token=token,
+            finish_reason=reason,
+            prompt_tokens=len(s.req.prompt),
+            cached_tokens=s.cached,
+            generation_tokens=len(s.generated),
+            error=error,
+        )
+
+    # ---- running in the background ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Run ``step()`` in a background thread whenever there is work."""
+        if self._thread is not None:
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="mlxllm-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not self.busy:
+                    self._wake.wait()
+                if self._stop:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # a failed step ends its requests, never the process
+                self._fail_all(f"{type(e).__name__}: {e}")
+
+    def _fail_all(self, message: str) -> None:
+        seqs = self.rows + list(self._prefilling)
+        self.rows, self._caches, self._inputs, self._unread = [], None, None, None
+        self._prefilling.clear()
+        for s in seqs:
+            s.finished = True
+            ev = self._event(s, None, "error", error=message)
+            h = self._handles.pop(s.id, None)
+            if h is not None:
+                h._push(ev)
+
+    def generate(self, requests: list[Request], max_steps: int | None = None) -> dict:
+        """Run ``requests`` to the end in this thread; returns ``{id: [Event, ...]}``."""
+        ids = [self.submit(r) for r in requests]
+        out = {i: [] for i in ids}
+        steps = 0
+        while self.busy and (max_steps is None or steps < max_steps):
+            for ev in self.step():
+                if ev.request_id in out:
+                    out[ev.request_id].append(ev)
+            steps += 1
+        return out
+
+
+def tokens_of(events: list[Event]) -> list[int]:
+    """The generated ids in ``events`` (the stop id included)."""
+    return [e.token for e in events if e.token is not None]
