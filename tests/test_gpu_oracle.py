@@ -336,3 +336,50 @@ def test_v2_lite_like_matches_mlx_lm():
     assert f32["greedy_match"] == f32["rows"]
     assert bf16["rel_l2_mean"] < 2 * yard["rel_l2_mean"]
     assert bf16["rel_l2_max"] < 2 * yard["rel_l2_max"]
+
+
+@pytest.mark.parametrize("variant", list(BUILDERS))
+def test_engine_batch_on_gpu_matches_transformers(checkpoints, variant, monkeypatch):
+    """The serving engine on the GPU: five prompts at once (batched decode of 5 rows, then of
+    at most 4 as they leave: the MLX ops and the small-batch decode kernels), prefilled in
+    chunks of 40 (sorted and unsorted experts, MLA expanded and absorbed), then prompts that
+    extend them from the prefix store; every request's greedy tokens equal transformers'."""
+    from mlxllm.engine import Engine, Request, tokens_of
+
+    hf_model, folder, vocab = checkpoints(variant)
+    model = load_model(folder, dtype=mx.float32)
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(0, vocab, n).tolist() for n in (80, 33, 7, 1, 52)]
+    gens = [24, 10, 24, 16, 6]
+    paths = _Paths(monkeypatch)
+    engine = Engine(model, memory_budget=1 << 32, prefill_chunk=40)
+    out = engine.generate([Request(p, g) for p, g in zip(prompts, gens, strict=True)])
+    got = [tokens_of(evs) for evs in out.values()]
+    for p, g, toks in zip(prompts, gens, got, strict=True):
+        assert toks == hf_greedy(hf_model, p, g)
+    if any(isinstance(b.mlp.get("experts"), moe_layers.SwitchGLU) for b in model.layers):
+        assert paths.n["sorted"] > 0 and paths.n["unsorted"] > 0
+    if any(isinstance(b.self_attn, mla_layers.MLA) for b in model.layers):
+        assert paths.n["expanded"] > 0 and paths.n["absorbed"] > 0
+    # second round: each prompt + its answer + more tokens, from the prefix store
+    longer = [p + t + rng.integers(0, vocab, 5).tolist() for p, t in zip(prompts, got, strict=True)]
+    out = engine.generate([Request(p, 8) for p in longer])
+    for p, evs in zip(longer, out.values(), strict=True):
+        assert evs[-1].cached_tokens > 0
+        assert tokens_of(evs) == hf_greedy(hf_model, p, 8)
+
+
+@pytest.mark.parametrize("variant", [v for v in BUILDERS if v.startswith("deepseek")])
+def test_one_token_prefill_chunk_reaches_the_latent_cache(checkpoints, variant):
+    """A prefill chunk of one token takes MLA's CUDA decode kernels, which write the cache row
+    in place; evaluating only the cache (as prefill does) must still run them (it did not:
+    the row was lost and the tokens after it went wrong)."""
+    hf_model, folder, vocab = checkpoints(variant)
+    model = load_model(folder, dtype=mx.float32)
+    ids = np.random.default_rng(5).integers(0, vocab, 50).tolist()
+    cache = model.make_cache()
+    for piece in (ids[:40], ids[40:41], ids[41:42]):
+        model(mx.array([piece]), cache=cache)
+        mx.eval([c.state for c in cache])  # the cache only, never the logits
+    got = list(generate_step(model, ids[42:], cache, max_tokens=16))
+    assert got == hf_greedy(hf_model, ids, 16)

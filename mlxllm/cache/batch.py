@@ -25,6 +25,7 @@ class _BatchCache:
     """Buffers ``[B, heads, capacity, width]`` with per-row left padding (see module doc)."""
 
     step = 256
+    _last_position: tuple = (None, None)
 
     def __init__(self, buffers: list[mx.array], left: list[int], offset: int):
         self.buffers = buffers  # each [B, heads, capacity >= offset, width]
@@ -53,8 +54,14 @@ class _BatchCache:
 
     @property
     def position(self) -> mx.array:
-        """RoPE position of each row's next token, ``[B]`` int32."""
-        return mx.array([self.offset - p for p in self.left], dtype=mx.int32)
+        """RoPE position of each row's next token, ``[B]`` int32. Every layer of a step asks
+        with the same layout, so the last one made is kept (for all batch caches: the key is
+        the layout itself)."""
+        key = (self.offset, tuple(self.left))
+        if _BatchCache._last_position[0] != key:
+            positions = mx.array([self.offset - p for p in self.left], mx.int32)
+            _BatchCache._last_position = (key, positions)
+        return _BatchCache._last_position[1]
 
     def make_mask(self, L: int) -> str | mx.array | None:
         """``L`` new queries after ``offset`` positions: ``[B, 1, L, offset + L]`` booleans (a

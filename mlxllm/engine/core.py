@@ -369,11 +369,14 @@ class Engine:
         decoding, at least the first request's whole prompt); a request whose prompt is in its
         cache joins the batch."""
         spent = 0
-        while self._prefilling and (spent < self.prefill_chunk or not self.rows):
+        while self._prefilling:
+            if self.rows and spent >= self.prefill_chunk:
+                return  # the running streams get their next token first
             seq = self._prefilling[0]
             todo = len(seq.req.prompt) - 1 - seq.done
             if todo > 0:
-                spent += self._prefill_chunk(seq, min(todo, max(self.prefill_chunk - spent, 1)))
+                room = self.prefill_chunk - spent if self.rows else self.prefill_chunk
+                spent += self._prefill_chunk(seq, min(todo, room))
             if seq.done == len(seq.req.prompt) - 1:
                 self._prefilling.popleft()
                 self._join(seq)

@@ -357,6 +357,10 @@ class MLA(nn.Module):
             buffer,
             mla_decode.position(start),
         )
+        # footgun: the kernel writes the row into the buffer's memory, which MLX does not
+        # see; make the buffer depend on it, or evaluating only the cache (a prefill chunk of
+        # one token, ``mx.eval(cache.state)``) would never run the kernel and lose the row
+        cache.buffer = mx.depends(cache.buffer, q)
         kv = cache.joint  # [B, 1, S, r + dr], read after the write (it depends on q)
         if flash:
             # attention and W_UV in two kernels (tensor cores) instead of MLX's ~6
