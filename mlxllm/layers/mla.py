@@ -358,8 +358,8 @@ class MLA(nn.Module):
             mla_decode.position(start),
         )
         # footgun: the kernel writes the row into the buffer's memory, which MLX does not
-        # see; make the buffer depend on it, or evaluating only the cache (a prefill chunk of
-        # one token, ``mx.eval(cache.state)``) would never run the kernel and lose the row
+        # see; make the buffer depend on it, or evaluating only the cache's state (as prefill
+        # does after a chunk of one token) would never run the kernel and lose the row
         cache.buffer = mx.depends(cache.buffer, q)
         kv = cache.joint  # [B, 1, S, r + dr], read after the write (it depends on q)
         if flash:
