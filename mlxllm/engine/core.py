@@ -107,8 +107,8 @@ class _Seq:
         self.processors = (
             [make_rep_penalty(req.repetition_penalty)] if req.repetition_penalty else []
         )
-        seed = req.seed if req.seed is not None else secrets.randbits(63)
-        self.key = mx.random.key(seed)
+        self.seed = req.seed if req.seed is not None else secrets.randbits(63)
+        self.key = None  # made in the engine's thread (MLX streams belong to one thread)
         self.generated: list[int] = []
         self.cache = None  # per-layer single caches while prefilling
         self.cached = 0  # prompt tokens from the prefix store
@@ -199,6 +199,11 @@ class Engine:
         self._handles: dict = {}
         self._thread: threading.Thread | None = None
         self._stop = False
+        # MLX streams belong to the thread that made them: weights still lazy (a model just
+        # loaded) are evaluated here, in the caller's thread (the engine's thread cannot), and
+        # every array of a request is made in the thread that runs the steps
+        mx.eval(model.parameters())
+        self._bytes_per_token()
 
     # ---- the thread-safe front -----------------------------------------------------------
 
@@ -352,6 +357,7 @@ class Engine:
 
     def _start_prefill(self, seq: _Seq) -> None:
         prompt = seq.req.prompt
+        seq.key = mx.random.key(seq.seed)
         seq.cache = self.model.make_cache()
         # the last prompt token is the row's first input in the batch: never take it from the
         # store, so that every request runs at least one token
@@ -523,7 +529,8 @@ class Engine:
     # ---- running in the background ---------------------------------------------------------
 
     def start(self) -> None:
-        """Run ``step()`` in a background thread whenever there is work."""
+        """Run ``step()`` in a background thread whenever there is work (from then on only
+        that thread steps the engine)."""
         if self._thread is not None:
             return
         self._stop = False
@@ -539,16 +546,21 @@ class Engine:
             self._thread = None
 
     def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._stop and not self.busy:
-                    self._wake.wait()
-                if self._stop:
-                    return
-            try:
-                self.step()
-            except Exception as e:  # a failed step ends its requests, never the process
-                self._fail_all(f"{type(e).__name__}: {e}")
+        try:
+            while True:
+                with self._lock:
+                    while not self._stop and not self.busy:
+                        self._wake.wait()
+                    if self._stop:
+                        return
+                try:
+                    self.step()
+                except Exception as e:  # a failed step ends its requests, never the process
+                    self._fail_all(f"{type(e).__name__}: {e}")
+        finally:
+            # this thread's streams go with it (left over, they abort the process at exit)
+            mx.synchronize()
+            mx.clear_streams()
 
     def _fail_all(self, message: str) -> None:
         seqs = self.rows + list(self._prefilling)
