@@ -82,12 +82,21 @@ def _run(engine, requests, joins=(), until=None):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batched_greedy_equals_alone(models, family):
     """Concurrent prompts of different lengths, some leaving early, one joining mid-stream
-    while another prefills in chunks: every request's tokens equal its prompt run alone."""
+    while another prefills in chunks, several prefilled together (left-padded, in chunks of
+    one and two positions): every request's tokens equal its prompt run alone."""
     model = models[family]
-    specs = [(5, 24), (17, 6), (40, 24), (1, 12), (29, 3)]
+    specs = [(5, 24), (17, 6), (30, 24), (25, 3), (1, 12), (9, 10)]
     prompts = [_prompt(i, n) for i, (n, _) in enumerate(specs)]
     late = _prompt(99, 33)
     engine = Engine(model, memory_budget=BUDGET, prefill_chunk=8, prefix_cache_bytes=0)
+    groups, chunk = [], engine._prefill_chunk
+
+    def spy(group, budget):
+        n = chunk(group, budget)
+        groups.append((len(group.seqs), n // len(group.seqs)))
+        return n
+
+    engine._prefill_chunk = spy
     sizes = []
     got = _run(
         engine,
@@ -100,6 +109,7 @@ def test_batched_greedy_equals_alone(models, family):
         assert evs[-1].finish_reason == "length" and evs[-1].generation_tokens == m
     # the batch really ran several rows at once and changed size as requests came and went
     assert max(sizes) >= 4 and len(set(sizes)) >= 3
+    assert (3, 1) in groups and (3, 2) in groups  # [17, 30, 25] together, small chunks
     assert engine.stats.prefill_tokens == sum(len(p) - 1 for p in prompts + [late])
 
 

@@ -70,11 +70,13 @@ class _BatchCache:
         if not any(self.left):
             return "causal" if L > 1 else None
         keys = mx.arange(self.offset + L)
+        queries = mx.arange(self.offset, self.offset + L)[:, None]  # [L, 1]
         visible = keys[None] >= mx.array(self.left)[:, None]  # [B, S]
-        visible = visible[:, None, None, :]  # [B, 1, 1, S]
+        # a query in a row's padding (a batched prefill) sees itself: a row of nothing but
+        # -inf turns to NaN, which reaches the real rows through the cache (0 * NaN)
+        visible = visible[:, None, None, :] | (keys[None] == queries)[None, None]  # [B,1,L,S]
         if L > 1:
-            causal = keys[None] <= mx.arange(self.offset, self.offset + L)[:, None]  # [L, S]
-            visible = visible & causal[None, None]
+            visible = visible & (keys[None] <= queries)[None, None]
         return visible
 
     def _write(self, parts: list[mx.array]) -> int:
@@ -136,7 +138,7 @@ class _BatchCache:
     def filter(self, rows: list[int]) -> None:
         """Keep ``rows`` (in that order); padding that every kept row has is dropped."""
         self.left = [self.left[r] for r in rows]
-        cut = min(self.left, default=0)
+        cut = min(min(self.left, default=0), self.offset)
         idx = mx.array(rows, dtype=mx.int32)
         self.buffers = [b[idx, :, cut : self.offset] for b in self.buffers]
         self.left = [p - cut for p in self.left]

@@ -110,9 +110,7 @@ class _Seq:
         self.seed = req.seed if req.seed is not None else secrets.randbits(63)
         self.key = None  # made in the engine's thread (MLX streams belong to one thread)
         self.generated: list[int] = []
-        self.cache = None  # per-layer single caches while prefilling
         self.cached = 0  # prompt tokens from the prefix store
-        self.done = 0  # prompt tokens in the cache
         self.calls = 0  # decode calls that fed this row a token
         self.unread = 0  # decode calls whose token for this row is not read yet
         self.finished = False
@@ -127,6 +125,68 @@ class _Seq:
     def total(self) -> int:
         """Positions this request may hold at most (its cache reservation)."""
         return len(self.req.prompt) + self.req.max_tokens
+
+
+class _Prefill:
+    """Requests prefilled together: the rows of one batch cache, right-aligned.
+
+    Row ``b`` holds ``prompt[:-1]`` at cache positions ``[left[b], left[b] + len(prompt) - 1)``
+    (its last prompt token is its first input in the running batch), so all rows finish at
+    the same position. Requests that start from the prefix store come alone (their cached
+    prefix is row 0 from position 0); fresh ones of similar length share a group, padded on the
+    left (the pads are masked; they cost compute, not correctness).
+    """
+
+    def __init__(self, seq: _Seq, caches: list):
+        self.seqs = [seq]
+        self.caches = caches  # per-layer batch caches
+        self.fresh = seq.cached == 0
+
+    @property
+    def offset(self) -> int:
+        return self.caches[0].offset
+
+    @property
+    def end(self) -> int:
+        left = self.caches[0].left
+        return max(p + len(s.req.prompt) - 1 for p, s in zip(left, self.seqs, strict=True))
+
+    @property
+    def todo(self) -> int:
+        return self.end - self.offset
+
+    def admits(self, seq: _Seq, limit: int) -> bool:
+        """A fresh request joins a fresh group that has not started, of up to ``limit`` rows,
+        when the lengths stay within 2x of each other (the pads at most half the work)."""
+        if not self.fresh or self.offset > 0 or len(self.seqs) >= limit:
+            return False
+        lengths = [len(s.req.prompt) for s in self.seqs] + [len(seq.req.prompt)]
+        return max(lengths) <= 2 * min(lengths)
+
+    def add(self, seq: _Seq) -> None:
+        self.seqs.append(seq)
+        ends = [len(s.req.prompt) - 1 for s in self.seqs]
+        for c in self.caches:  # nothing stored yet: only the padding changes
+            c.left = [max(ends) - e for e in ends]
+
+    def window(self, n: int) -> list[list[int]]:
+        """The ids at positions ``[offset, offset + n)`` of every row (0 in its padding)."""
+        out = []
+        for p, s in zip(self.caches[0].left, self.seqs, strict=True):
+            ids = s.req.prompt
+            out.append([ids[i - p] if i >= p else 0 for i in range(self.offset, self.offset + n)])
+        return out
+
+    def real_tokens(self, n: int) -> int:
+        """Prompt tokens (not pads) among the last ``n`` positions run."""
+        hi = self.offset
+        return sum(max(0, hi - max(p, hi - n)) for p in self.caches[0].left)
+
+    def remove(self, seq: _Seq) -> None:
+        b = self.seqs.index(seq)
+        self.seqs.pop(b)
+        for c in self.caches:
+            c.filter([i for i in range(len(self.seqs) + 1) if i != b])
 
 
 def default_budget() -> int:
@@ -153,6 +213,7 @@ class Engine:
         max_batch: most requests decoding or prefilling at once.
         prefill_chunk: most prompt tokens per prefill call (bounds activation memory and how
             long the running streams wait per step).
+        prefill_batch: most new requests (without a cached prefix) prefilled in one call.
         memory_budget: bytes for all caches (running batch, prefills, prefix store); default
             ``default_budget()``.
         prefix_cache_bytes: most bytes the prefix store keeps (default: the budget; it gives
@@ -168,17 +229,21 @@ class Engine:
         *,
         max_batch: int = 32,
         prefill_chunk: int = 512,
+        prefill_batch: int = 8,
         memory_budget: int | None = None,
         prefix_cache_bytes: int | None = None,
         max_queued: int = 256,
         allow_long_prompt: bool = False,
     ):
-        if max_batch < 1 or prefill_chunk < 1 or max_queued < 0:
-            raise InvalidArgument("max_batch and prefill_chunk must be >= 1, max_queued >= 0")
+        if min(max_batch, prefill_chunk, prefill_batch) < 1 or max_queued < 0:
+            raise InvalidArgument(
+                "max_batch, prefill_chunk and prefill_batch must be >= 1, max_queued >= 0"
+            )
         self.model = model
         self.eos = set(eos_token_ids)
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
+        self.prefill_batch = prefill_batch
         self.budget = default_budget() if memory_budget is None else int(memory_budget)
         store_bytes = self.budget if prefix_cache_bytes is None else int(prefix_cache_bytes)
         self.store = PrefixStore(min(store_bytes, self.budget))
@@ -190,7 +255,7 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._cancels: dict[int, str] = {}
-        self._prefilling: collections.deque[_Seq] = collections.deque()
+        self._prefilling: collections.deque[_Prefill] = collections.deque()
         self.rows: list[_Seq] = []  # the running batch, in cache row order
         self._caches = None  # per-layer batch caches of self.rows
         self._inputs: mx.array | None = None  # [B] next input token of each row
@@ -299,18 +364,25 @@ class Engine:
                 self._waiting.remove(s)
         if not cancels:
             return
-        gone = [s for s in self._prefilling if s.id in cancels]
-        for s in gone:
-            self._prefilling.remove(s)
-            s.cache = None
+        gone = []
+        for group in list(self._prefilling):
+            for s in [s for s in group.seqs if s.id in cancels]:
+                group.remove(s)
+                gone.append(s)
+            if not group.seqs:
+                self._prefilling.remove(group)
         rows = [s for s in self.rows if s.id in cancels]
         self._retire(rows, store=False)
         for s in waiting + gone + rows:
             s.finished = True
             events.append(self._event(s, None, cancels[s.id]))
-        if rows and self._caches is not None:
+        if rows or gone:
             # evaluate the smaller buffers now so the cancelled rows' memory is freed at once
-            mx.eval([c.state for c in self._caches])
+            caches = (self._caches or []) + [c for g in self._prefilling for c in g.caches]
+            mx.eval([c.state for c in caches])
+
+    def _prefill_seqs(self) -> list[_Seq]:
+        return [s for g in self._prefilling for s in g.seqs]
 
     def _bytes_per_token(self) -> int:
         if self._bpt is None:
@@ -324,7 +396,7 @@ class Engine:
     def reserved(self, extra: list[_Seq] = ()) -> int:
         """Bytes the running and prefilling requests (and ``extra``) may reach: rows padded to
         the longest, each at its full length, in blocks of the cache's growth step."""
-        seqs = self.rows + list(self._prefilling) + list(extra)
+        seqs = self.rows + self._prefill_seqs() + list(extra)
         if not seqs:
             return 0
         longest = max(s.total for s in seqs) + 256
@@ -333,7 +405,8 @@ class Engine:
     def _admit(self, events: list[Event]) -> None:
         while True:
             with self._lock:
-                if not self._waiting or len(self.rows) + len(self._prefilling) >= self.max_batch:
+                running = len(self.rows) + len(self._prefill_seqs())
+                if not self._waiting or running >= self.max_batch:
                     return
                 seq = self._waiting[0]
             need = self.reserved([seq])
@@ -358,64 +431,70 @@ class Engine:
     def _start_prefill(self, seq: _Seq) -> None:
         prompt = seq.req.prompt
         seq.key = mx.random.key(seq.seed)
-        seq.cache = self.model.make_cache()
         # the last prompt token is the row's first input in the batch: never take it from the
         # store, so that every request runs at least one token
         n, states = self.store.lookup(prompt, limit=len(prompt) - 1)
-        if n:
-            for c, state in zip(seq.cache, states, strict=True):
-                c.load(state)
-        seq.cached = seq.done = n
+        seq.cached = n
         self.stats.prompt_tokens += len(prompt)
         self.stats.cached_tokens += n
-        self._prefilling.append(seq)
+        last = self._prefilling[-1] if self._prefilling else None
+        if n == 0 and last is not None and last.admits(seq, self.prefill_batch):
+            last.add(seq)
+            return
+        caches = self.model.make_cache()
+        for c, state in zip(caches, states or [None] * len(caches), strict=True):
+            if state is not None:
+                c.load(state)
+        self._prefilling.append(_Prefill(seq, batch_caches([caches])))
 
     def _prefill_step(self) -> None:
-        """Prefill up to ``prefill_chunk`` prompt tokens, in order of arrival (while nothing is
-        decoding, at least the first request's whole prompt); a request whose prompt is in its
-        cache joins the batch."""
+        """Prefill up to ``prefill_chunk`` prompt tokens (pads included), in order of arrival
+        (while nothing is decoding, at least the first group's whole prompts); a group whose
+        prompts are in its cache joins the batch."""
         spent = 0
         while self._prefilling:
             if self.rows and spent >= self.prefill_chunk:
                 return  # the running streams get their next token first
-            seq = self._prefilling[0]
-            todo = len(seq.req.prompt) - 1 - seq.done
-            if todo > 0:
+            group = self._prefilling[0]
+            if group.todo > 0:
                 room = self.prefill_chunk - spent if self.rows else self.prefill_chunk
-                spent += self._prefill_chunk(seq, min(todo, room))
-            if seq.done == len(seq.req.prompt) - 1:
+                spent += self._prefill_chunk(group, room)
+            if group.todo == 0:
                 self._prefilling.popleft()
-                self._join(seq)
+                self._join(group)
 
-    def _prefill_chunk(self, seq: _Seq, n: int) -> int:
-        """Run the next ``n`` (at most) prompt tokens of ``seq``; returns how many ran."""
+    def _prefill_chunk(self, group: _Prefill, budget: int) -> int:
+        """Run the next positions of ``group`` (``budget`` tokens over its rows, at least one
+        position); returns the tokens computed, pads included."""
+        G = len(group.seqs)
+        n = min(group.todo, max(1, budget // G))
         limit = getattr(self.model, "max_queries", None)
         if limit is not None:
-            n = min(n, limit(seq.done) or n)
-        ids = seq.req.prompt[seq.done : seq.done + n]
-        self.model(mx.array(ids)[None], cache=seq.cache)
+            n = min(n, limit(group.offset, G) or n)
+        ids = mx.array(group.window(n), dtype=mx.int32)  # [G, n]
+        self.model(ids, cache=group.caches)
         # evaluate per chunk: bounds the activations to one chunk and frees them before the
         # next step's decode call
-        mx.eval([c.state for c in seq.cache])
-        seq.done += n
-        self.stats.prefill_tokens += n
-        return n
+        mx.eval([c.state for c in group.caches])
+        self.stats.prefill_tokens += group.real_tokens(n)
+        return G * n
 
-    def _join(self, seq: _Seq) -> None:
-        prompt = seq.req.prompt
-        if seq.done > seq.cached:
-            self.store.insert(prompt[: seq.done], [c.state for c in seq.cache])
-            self._fit_store()
-        rows = batch_caches([seq.cache])
-        seq.cache = None
-        first = mx.array(prompt[-1:], dtype=mx.int32)
+    def _join(self, group: _Prefill) -> None:
+        c0 = group.caches[0]
+        for b, seq in enumerate(group.seqs):
+            prompt = seq.req.prompt
+            if len(prompt) - 1 > seq.cached:
+                self.store.insert(prompt[:-1], [c.row_state(b) for c in group.caches])
+        self._fit_store()
+        first = mx.array([s.req.prompt[-1] for s in group.seqs], dtype=mx.int32)
         if self._caches is None:
-            self._caches, self._inputs = rows, first
+            self._caches, self._inputs = group.caches, first
         else:
-            for mine, theirs in zip(self._caches, rows, strict=True):
+            for mine, theirs in zip(self._caches, group.caches, strict=True):
                 mine.extend(theirs)
             self._inputs = mx.concatenate([self._inputs, first])
-        self.rows.append(seq)
+        self.rows.extend(group.seqs)
+        assert c0.batch_size == len(group.seqs)
 
     def _retire(self, seqs: list[_Seq], store: bool) -> None:
         """Take ``seqs`` out of the running batch; their cache state goes to the prefix store
@@ -563,7 +642,7 @@ class Engine:
             mx.clear_streams()
 
     def _fail_all(self, message: str) -> None:
-        seqs = self.rows + list(self._prefilling)
+        seqs = self.rows + self._prefill_seqs()
         self.rows, self._caches, self._inputs, self._unread = [], None, None, None
         self._prefilling.clear()
         for s in seqs:
