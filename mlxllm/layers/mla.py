@@ -138,6 +138,14 @@ def max_queries(n_heads: int, offset: int, max_score_elems: int, batch: int = 1)
     return max(1, (math.isqrt(offset * offset + 4 * c) - offset) // 2)
 
 
+def default_score_budget() -> int:
+    """Score elements one attention chunk may hold: 2**25 (128 MiB in float32) on the CPU,
+    2**30 on a GPU. A GPU runs long chunks much faster than many short ones (DeepSeek-V2-Lite
+    bf16 on an H200, 8K-token prompt: 1.8 s in ~300-token chunks vs 0.7 s for mlx-lm's
+    2048-token steps) and has the memory: at most 4 GiB of float32 scores per chunk."""
+    return 1 << 30 if mx.default_device() == mx.gpu else 1 << 25
+
+
 def absorb_max_len_for(kv_lora_rank: int, qk_nope_head_dim: int, v_head_dim: int) -> int:
     """Longest input for which the absorbed form costs fewer multiply-adds than the expanded one.
 
@@ -168,7 +176,8 @@ class MLA(nn.Module):
             caller's (it reads the config).
         bias: bias on ``q_a_proj``, ``kv_a_proj_with_mqa`` and ``o_proj`` (``attention_bias``).
         absorb_max_len: inputs up to this length use the absorbed form (default: by cost).
-        max_score_elems: bound on one query chunk's score tensor (elements).
+        max_score_elems: bound on one query chunk's score tensor (elements); default
+            ``default_score_budget()`` for the device at call time.
     """
 
     def __init__(
@@ -184,7 +193,7 @@ class MLA(nn.Module):
         softmax_scale: float | None = None,
         bias: bool = False,
         absorb_max_len: int | None = None,
-        max_score_elems: int = 1 << 25,
+        max_score_elems: int | None = None,
     ):
         super().__init__()
         self.n_heads = n_heads
@@ -219,7 +228,13 @@ class MLA(nn.Module):
     def max_queries(self, offset: int, batch: int = 1) -> int:
         """Most new positions one call may take after ``offset`` cached ones with its attention
         scores in one chunk of ``max_score_elems`` (see ``chunked_attention``)."""
-        return max_queries(self.n_heads, offset, self.max_score_elems, batch)
+        return max_queries(self.n_heads, offset, self.score_budget, batch)
+
+    @property
+    def score_budget(self) -> int:
+        if self.max_score_elems is not None:
+            return self.max_score_elems
+        return default_score_budget()
 
     # ---- projections -------------------------------------------------------------------------
 
@@ -282,14 +297,18 @@ class MLA(nn.Module):
         q = mx.concatenate([q_lat, q_pe], axis=-1)  # [B, H, L, r + dr]
         if kv is None:
             kv = mx.concatenate([c_kv, k_pe], axis=-1)  # [B, 1, S, r + dr]
-        if q.shape[2] == 1 and mx.default_device() == mx.gpu:
-            # GPU decode: the fused kernel over the contiguous [c_kv, k_pe] buffer as both keys
-            # and values (a strided c_kv view as values is ~4x slower); drop the k_pe columns
-            # (mask: None, or a batch cache's padding mask)
+        if q.shape[2] == 1 and q.shape[0] == 1 and mx.default_device() == mx.gpu:
+            # GPU decode of one sequence: the fused kernel over the contiguous [c_kv, k_pe]
+            # buffer as both keys and values (a strided c_kv view as values is ~4x slower);
+            # drop the k_pe columns. A batch takes the two GEMMs below: 0.24 vs 1.11 ms at 16
+            # rows of 8K (V2-Lite widths, bf16, H200; benchmarks/mla_batch_probe.py)
             o_lat = mx.fast.scaled_dot_product_attention(q, kv, kv, scale=self.scale, mask=mask)
             o_lat = o_lat[..., : c_kv.shape[-1]]
+        elif q.shape[2] == 1 and mx.default_device() == mx.gpu:
+            # the joint rows as values too (a strided c_kv would be copied per layer and step)
+            o_lat = shared_kv_attention(q, kv, kv, self.scale, mask)[..., : c_kv.shape[-1]]
         else:
-            o_lat = chunked_attention(q, kv, c_kv, self.scale, mask, self.max_score_elems)
+            o_lat = chunked_attention(q, kv, c_kv, self.scale, mask, self.score_budget)
         # [B, H, L, r] @ [H, r, v] -> [B, H, L, v]
         return o_lat @ w_uv.astype(o_lat.dtype).swapaxes(-1, -2)
 
@@ -306,7 +325,7 @@ class MLA(nn.Module):
         k_pe = mx.broadcast_to(k_pe, (B, H, S, self.qk_rope_head_dim))
         k = mx.concatenate([k_nope, k_pe], axis=-1)  # [B, H, S, nope + dr]
         q = mx.concatenate([q_nope, q_pe], axis=-1)
-        return chunked_attention(q, k, v, self.scale, mask, self.max_score_elems)
+        return chunked_attention(q, k, v, self.scale, mask, self.score_budget)
 
     def _decode_flags(self, x: mx.array, w_uk, w_uv) -> tuple[bool, bool] | None:
         """Whether this decode step takes the CUDA kernels (None: no), and of them the fused
