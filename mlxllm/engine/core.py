@@ -460,7 +460,10 @@ class Engine:
                 return  # the running streams get their next token first
             group = self._prefilling[0]
             if group.todo > 0:
-                room = self.prefill_chunk if idle else self.prefill_chunk - spent
+                # idle: up to prefill_chunk positions of every row (nobody waits; the memory
+                # bound is the model's max_queries), else prefill_chunk tokens in all
+                G = len(group.seqs)
+                room = self.prefill_chunk * G if idle else self.prefill_chunk - spent
                 spent += self._prefill_chunk(group, room)
             if group.todo == 0:
                 self._prefilling.popleft()
