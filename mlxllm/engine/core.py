@@ -486,7 +486,6 @@ class Engine:
         return G * n
 
     def _join(self, group: _Prefill) -> None:
-        c0 = group.caches[0]
         for b, seq in enumerate(group.seqs):
             prompt = seq.req.prompt
             if len(prompt) - 1 > seq.cached:
@@ -500,7 +499,6 @@ class Engine:
                 mine.extend(theirs)
             self._inputs = mx.concatenate([self._inputs, first])
         self.rows.extend(group.seqs)
-        assert c0.batch_size == len(group.seqs)
 
     def _retire(self, seqs: list[_Seq], store: bool) -> None:
         """Take ``seqs`` out of the running batch; their cache state goes to the prefix store
