@@ -389,6 +389,35 @@ def fuse(
 
 
 @app.command()
+def serve(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0: all)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    api_key: str | None = typer.Option(
+        None, "--api-key", envvar="MLXLLM_API_KEY", help="Require this key on every route."
+    ),
+    max_batch: int = typer.Option(32, "--max-batch", help="Most requests decoding at once."),
+    dtype: str | None = Dtype,
+    adapter: str | None = Adapter,
+):
+    """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /v1/models, /health)."""
+    with _user_errors():
+        _check_dtype(dtype)
+        if not 0 < port < 65536:
+            _fail(f"--port {port}: use 1 to 65535")
+        m, tok = _load(model, dtype)
+        m = _apply_adapter(m, adapter)
+        import uvicorn
+
+        from mlxllm.server.app import Served, make_app
+
+        served = Served(model, m, tok, max_batch=max_batch)
+        app_ = make_app(served, api_key=api_key)
+        uvicorn.run(app_, host=host, port=port, log_level="info")
+
+
+@app.command()
 def models():
     """List model aliases and the Hugging Face repos they point to."""
     from rich.console import Console

@@ -32,7 +32,7 @@ class Chunk:
     finish_reason: str | None = None  # "stop" (eos or stop string), "length", or None
 
 
-def _encode_prompt(tokenizer, prompt, system: str | None, chat_template: bool | None) -> list[int]:
+def encode_prompt(tokenizer, prompt, system: str | None, chat_template: bool | None) -> list[int]:
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
         return list(prompt)
     if isinstance(prompt, list):  # messages
@@ -119,7 +119,7 @@ def stream_generate(
     check_sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed, max_tokens)
     if seed is not None:
         mx.random.seed(seed)
-    ids = _encode_prompt(tokenizer, prompt, system, chat_template)
+    ids = encode_prompt(tokenizer, prompt, system, chat_template)
     if not ids:
         raise InvalidArgument("the prompt is empty; pass some text")
     limit = context_length(model.config)

@@ -1,0 +1,233 @@
+"""The HTTP layer: Starlette routes over one model's ``Engine``, served by uvicorn.
+
+Starlette rather than FastAPI: the routes validate their own fields into OpenAI's error format
+(``openai.py``) and stream with plain async generators, so FastAPI's pydantic models and
+OpenAPI pages would add a dependency and a second error format without doing any of the work.
+
+The engine runs in its own thread (MLX work stays there); the routes only tokenize, submit and
+read their request's ``Handle``. A client that goes away mid-stream cancels its request (the
+handle's ``async for`` ends), which frees its rows at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+
+from starlette.applications import Starlette
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from mlxllm.engine import Engine, QueueFull
+from mlxllm.server import openai as oa
+from mlxllm.server.openai import ApiError
+
+
+class Served:
+    """One loaded model, its tokenizer and its running engine."""
+
+    def __init__(self, name: str, model, tokenizer, **engine_kw):
+        self.name, self.model, self.tokenizer = name, model, tokenizer
+        self.engine = Engine(model, tokenizer.eos_token_ids, **engine_kw)
+        self.created = int(time.time())
+
+
+def _error(e: ApiError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if e.status == 429 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+def make_app(
+    served: Served,
+    api_key: str | None = None,
+    max_body_bytes: int = 8 << 20,
+    max_tokens_cap: int = 32768,
+) -> Starlette:
+    """The ASGI app. ``api_key``: every route but ``/health`` needs ``Authorization: Bearer
+    KEY`` (or ``x-api-key: KEY``)."""
+
+    def check_key(request: HttpRequest) -> None:
+        if api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key")
+        if given != api_key:
+            raise ApiError(401, "invalid or missing API key", kind="authentication_error")
+
+    async def body_of(request: HttpRequest) -> dict:
+        check_key(request)
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > max_body_bytes:
+            raise ApiError(413, f"request body over {max_body_bytes} bytes")
+        raw = b""
+        async for part in request.stream():
+            raw += part
+            if len(raw) > max_body_bytes:
+                raise ApiError(413, f"request body over {max_body_bytes} bytes")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the body is not valid JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        return body
+
+    def open_request(req, stops):
+        try:
+            return served.engine.open(req, tokenizer=served.tokenizer, stop=stops)
+        except QueueFull as e:
+            raise ApiError(429, str(e), kind="rate_limit_error") from None
+        except ValueError as e:  # InvalidArgument: e.g. a prompt longer than the context
+            raise ApiError(400, str(e)) from None
+
+    async def collect(handle):
+        """All events of a request; ends with its final event."""
+        events = [ev async for ev in handle]
+        last = events[-1]
+        if last.finish_reason == "error":
+            raise ApiError(503, last.error or "generation failed")
+        return events
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+    async def chat(request: HttpRequest):
+        try:
+            body = await body_of(request)
+            req, stops = oa.chat_request(body, served.tokenizer, max_tokens_cap)
+            handle = open_request(req, stops)
+        except ApiError as e:
+            return _error(e)
+        rid, model = oa.new_id("chatcmpl"), served.name
+        want_lp = req.logprobs is not None
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(
+                _chat_stream(handle, rid, model, want_lp, include_usage),
+                media_type="text/event-stream",
+            )
+        try:
+            events = await collect(handle)
+        except ApiError as e:
+            return _error(e)
+        text = "".join(e.text for e in events)
+        last = events[-1]
+        content = [oa.token_logprobs(served.tokenizer, e) for e in events if _answer(e)]
+        use = oa.usage(last.prompt_tokens, _count(events), last.cached_tokens)
+        lp = {"content": content} if want_lp else None
+        return JSONResponse(oa.chat_response(rid, model, text, _reason(last), lp, use))
+
+    async def _chat_stream(handle, rid, model, want_lp, include_usage):
+        yield sse(oa.chat_chunk(rid, model, {"role": "assistant", "content": ""}))
+        count, last = 0, None
+        async for ev in handle:
+            last = ev
+            if ev.finish_reason == "error":
+                yield sse(ApiError(503, ev.error or "generation failed").body())
+                return
+            if _answer(ev):
+                count += 1
+            lp = None
+            if want_lp and _answer(ev):
+                lp = {"content": [oa.token_logprobs(served.tokenizer, ev)]}
+            if ev.text or lp:
+                yield sse(oa.chat_chunk(rid, model, {"content": ev.text}, logprobs=lp))
+            if ev.finish_reason is not None:
+                yield sse(oa.chat_chunk(rid, model, {}, _reason(ev)))
+        if include_usage and last is not None:
+            use = oa.usage(last.prompt_tokens, count, last.cached_tokens)
+            yield sse(oa.chat_chunk(rid, model, {}, use=use))
+        yield "data: [DONE]\n\n"
+
+    async def completions(request: HttpRequest):
+        try:
+            body = await body_of(request)
+            req, stops = oa.completion_request(body, served.tokenizer, max_tokens_cap)
+            handle = open_request(req, stops)
+        except ApiError as e:
+            return _error(e)
+        rid, model = oa.new_id("cmpl"), served.name
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(
+                _completion_stream(handle, rid, model, include_usage),
+                media_type="text/event-stream",
+            )
+        try:
+            events = await collect(handle)
+        except ApiError as e:
+            return _error(e)
+        last = events[-1]
+        lp = None
+        if req.logprobs is not None:
+            answer = [e for e in events if _answer(e)]
+            tok = served.tokenizer
+            lp = {
+                "tokens": [tok.decode([e.token]) for e in answer],
+                "token_logprobs": [e.logprob for e in answer],
+                "top_logprobs": [
+                    {tok.decode([t]): v for t, v in e.top_logprobs or []} for e in answer
+                ],  # fmt: skip
+            }
+        use = oa.usage(last.prompt_tokens, _count(events), last.cached_tokens)
+        text = "".join(e.text for e in events)
+        return JSONResponse(oa.completion_response(rid, model, text, _reason(last), lp, use))
+
+    async def _completion_stream(handle, rid, model, include_usage):
+        count, last = 0, None
+        async for ev in handle:
+            last = ev
+            if ev.finish_reason == "error":
+                yield sse(ApiError(503, ev.error or "generation failed").body())
+                return
+            count += _answer(ev)
+            if ev.text or ev.finish_reason is not None:
+                yield sse(oa.completion_chunk(rid, model, ev.text, _reason(ev)))
+        if include_usage and last is not None:
+            use = oa.usage(last.prompt_tokens, count, last.cached_tokens)
+            yield sse(oa.completion_chunk(rid, model, "", use=use))
+        yield "data: [DONE]\n\n"
+
+    async def models(request: HttpRequest):
+        try:
+            check_key(request)
+        except ApiError as e:
+            return _error(e)
+        data = [{"id": served.name, "object": "model", "created": served.created,
+                 "owned_by": "mlxllm"}]  # fmt: skip
+        return JSONResponse({"object": "list", "data": data})
+
+    async def health(request: HttpRequest):
+        return JSONResponse({"status": "ok", "model": served.name})
+
+    routes = [
+        Route("/health", health),
+        Route("/v1/models", models),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        served.engine.start()
+        try:
+            yield
+        finally:
+            served.engine.stop()  # Ctrl-C: running requests end, the thread exits
+
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def _answer(ev) -> bool:
+    """A generated token that is part of the answer (an eos / stop id is not)."""
+    return ev.token is not None and ev.finish_reason != "stop"
+
+
+def _count(events) -> int:
+    return sum(1 for e in events if e.token is not None)
+
+
+def _reason(ev) -> str:
+    return "length" if ev.finish_reason == "length" else "stop"

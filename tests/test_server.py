@@ -1,0 +1,176 @@
+"""``mlxllm serve``'s OpenAI API against a live server on 127.0.0.1 (uvicorn in a thread), with
+the official ``openai`` client and the real SmolLM2 fixture. The oracle for every answer is the
+same request run by ``mlxllm.generate`` alone (greedy)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import mlx.core as mx
+import openai
+import pytest
+import uvicorn
+
+from helpers import SMOL, fixture_model
+from mlxllm import generate, load
+from mlxllm.server.app import Served, make_app
+
+KEY = "test-key"
+QUESTION = [{"role": "user", "content": "Name three colours."}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load(fixture_model(SMOL), dtype=mx.float32)
+
+
+@pytest.fixture(scope="module")
+def server(smol):
+    model, tok = smol
+    port = _free_port()
+    served = Served("smol", model, tok, memory_budget=1 << 30, max_queued=8)
+    config = uvicorn.Config(make_app(served, api_key=KEY, max_body_bytes=1 << 16),
+                            host="127.0.0.1", port=port, log_level="warning")  # fmt: skip
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", served
+    srv.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0)
+
+
+def _post(url, body: bytes, key=KEY) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Authorization": f"Bearer {key}",
+                                          "Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_chat_streaming_and_not_equal_generate(client, smol):
+    model, tok = smol
+    want = generate(model, tok, QUESTION, max_tokens=24)
+    got = client.chat.completions.create(model="smol", messages=QUESTION, max_tokens=24,
+                                         temperature=0)  # fmt: skip
+    assert got.choices[0].message.content == want
+    prompt = len(tok.encode(tok.apply_chat_template(QUESTION, add_generation_prompt=True),
+                            add_special_tokens=False))  # fmt: skip
+    assert got.usage.prompt_tokens == prompt and 0 < got.usage.completion_tokens <= 24
+    stream = client.chat.completions.create(model="smol", messages=QUESTION, max_tokens=24,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True})  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert reasons[-1] in ("stop", "length") and reasons.count(None) == len(reasons) - 1
+    # the same conversation again comes from the prefix store
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= prompt - 1
+
+
+def test_completions_stop_and_logprobs(client, smol):
+    model, tok = smol
+    want = generate(model, tok, "The capital of France is", max_tokens=16)
+    got = client.completions.create(model="smol", prompt="The capital of France is",
+                                    max_tokens=16, temperature=0)  # fmt: skip
+    assert got.choices[0].text == want
+    stop = want.strip().split()[1]
+    cut = client.completions.create(model="smol", prompt="The capital of France is",
+                                    max_tokens=16, temperature=0, stop=[stop])  # fmt: skip
+    assert cut.choices[0].text == want[: want.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    lp = client.chat.completions.create(model="smol", messages=QUESTION, max_tokens=6,
+                                        temperature=0, logprobs=True, top_logprobs=2)  # fmt: skip
+    content = lp.choices[0].logprobs.content
+    assert len(content) == lp.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the top one
+
+
+def test_concurrent_streams_equal_alone(client, smol):
+    model, tok = smol
+    texts = ("What is 2+2?", "Say hi.", "Name a fruit.", "What colour is the sky?")
+    questions = [[{"role": "user", "content": q}] for q in texts]
+
+    def ask(messages):
+        stream = client.chat.completions.create(model="smol", messages=messages, max_tokens=16,
+                                                temperature=0, stream=True)  # fmt: skip
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(ask, questions))
+    assert got == [generate(model, tok, q, max_tokens=16) for q in questions]
+
+
+def test_models_health_auth_and_bad_requests(client, server):
+    url, served = server
+    assert [m.id for m in client.models.list()] == ["smol"]
+    with urllib.request.urlopen(url + "/health", timeout=10) as r:
+        assert json.loads(r.read())["status"] == "ok"
+    bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    chat = url + "/v1/chat/completions"
+    cases = [
+        (b"{not json", 400, "not valid JSON"),
+        (b"[1, 2]", 400, "JSON object"),
+        (json.dumps({"messages": []}).encode(), 400, "'messages'"),
+        (json.dumps({"messages": QUESTION, "temperature": -1}).encode(), 400, "temperature"),
+        (json.dumps({"messages": QUESTION, "max_tokens": 0}).encode(), 400, "max_tokens"),
+        (json.dumps({"messages": QUESTION, "stop": 3}).encode(), 400, "'stop'"),
+        (json.dumps({"messages": QUESTION, "pad": "x" * 70000}).encode(), 413, "bytes"),
+    ]
+    for body, status, words in cases:
+        code, err = _post(chat, body)
+        assert code == status and words in err["error"]["message"], (body[:40], code, err)
+    code, _ = _post(chat, json.dumps({"messages": QUESTION}).encode(), key="wrong")
+    assert code == 401
+    # still serving, and nothing left running
+    ok = client.chat.completions.create(model="smol", messages=QUESTION, max_tokens=4)
+    assert ok.choices[0].message.content
+    for _ in range(100):
+        if not served.engine.busy:
+            break
+        time.sleep(0.05)
+    assert not served.engine.busy and not served.engine.rows
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(client, server):
+    _, served = server
+    # 2000 tokens take the CPU half a minute: only a cancel ends it within the 5 s below
+    stream = client.chat.completions.create(model="smol", messages=QUESTION, max_tokens=2000,
+                                            temperature=0.8, stream=True)  # fmt: skip
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    for _ in range(100):
+        if not served.engine.rows and not served.engine.busy:
+            break
+        time.sleep(0.05)
+    assert not served.engine.rows
