@@ -174,3 +174,31 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(client, server):
             break
         time.sleep(0.05)
     assert not served.engine.rows
+
+
+def test_anthropic_messages_streaming_and_not(server, smol):
+    import anthropic
+
+    model, tok = smol
+    url, _ = server
+    client = anthropic.Anthropic(base_url=url, api_key=KEY, max_retries=0)
+    system = "You are terse."
+    want = generate(model, tok, QUESTION, max_tokens=24, system=system)
+    greedy = {"extra_body": {"temperature": 0}}  # (this client takes no temperature argument)
+    got = client.messages.create(model="smol", max_tokens=24, system=system, messages=QUESTION,
+                                 **greedy)  # fmt: skip
+    assert got.content[0].text == want
+    assert got.stop_reason in ("end_turn", "max_tokens") and got.usage.output_tokens > 0
+    with client.messages.stream(model="smol", max_tokens=24, system=system, messages=QUESTION,
+                                **greedy) as stream:  # fmt: skip
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == want and final.content[0].text == want
+    assert final.usage.cache_read_input_tokens > 0  # the same prompt: from the prefix store
+    stop = want.split()[1]
+    cut = client.messages.create(model="smol", max_tokens=24, system=system, messages=QUESTION,
+                                 stop_sequences=[stop], **greedy)  # fmt: skip
+    assert cut.content[0].text == want[: want.find(stop)]
+    assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop
+    with pytest.raises(anthropic.BadRequestError, match="max_tokens"):
+        client.messages.create(model="smol", max_tokens=0, messages=QUESTION)

@@ -33,6 +33,7 @@ class Handle:
             raise ValueError("stop strings need a tokenizer")
         self._pending = ""  # text held back while it could start a stop string
         self.done = False
+        self.stop_matched: str | None = None  # the stop string that ended the request
 
     # engine thread
     def _push(self, ev: Event) -> None:
@@ -56,9 +57,11 @@ class Handle:
             self._pending += self._detok.add(ev.token)
         if final:
             self._pending += self._detok.finalize()
+        found = [(self._pending.find(s), s) for s in self._stops if s in self._pending]
         out, held, cut = split_at_stop(self._pending, self._stops, final=final)
         self._pending = held
         if cut:
+            self.stop_matched = min(found)[1]
             self.engine.cancel(self.id, "stop")
             ev.finish_reason, ev.token = "stop", None
         ev.text = out

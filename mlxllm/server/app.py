@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from mlxllm.engine import Engine, QueueFull
+from mlxllm.server import anthropic as an
 from mlxllm.server import openai as oa
 from mlxllm.server.openai import ApiError
 
@@ -190,6 +191,53 @@ def make_app(
             yield sse(oa.completion_chunk(rid, model, "", use=use))
         yield "data: [DONE]\n\n"
 
+    async def messages(request: HttpRequest):
+        def fail(e: ApiError):
+            retry = {"Retry-After": "1"} if e.status == 429 else None
+            return JSONResponse(an.error_body(e), status_code=e.status, headers=retry)
+
+        try:
+            body = await body_of(request)
+            req, stops = an.messages_request(body, served.tokenizer, max_tokens_cap)
+            handle = open_request(req, stops)
+        except ApiError as e:
+            return fail(e)
+        rid, model = an.message_id(), served.name
+        if body.get("stream"):
+            return StreamingResponse(_messages_stream(handle, rid, model),
+                                     media_type="text/event-stream")  # fmt: skip
+        try:
+            events = await collect(handle)
+        except ApiError as e:
+            return fail(e)
+        last = events[-1]
+        text = "".join(e.text for e in events)
+        reason = an.stop_reason(last, handle.stop_matched)
+        use = an.usage(last, _count(events))
+        return JSONResponse(an.message(rid, model, text, reason, handle.stop_matched, use))
+
+    async def _messages_stream(handle, rid, model):
+        count, started = 0, False
+        async for ev in handle:
+            if not started:
+                for line in an.stream_start(rid, model, ev.prompt_tokens, ev.cached_tokens):
+                    yield line
+                started = True
+            if ev.finish_reason == "error":
+                e = ApiError(503, ev.error or "generation failed")
+                yield an.event("error", error=an.error_body(e)["error"])
+                return
+            count += ev.token is not None
+            if ev.text:
+                delta = {"type": "text_delta", "text": ev.text}
+                yield an.event("content_block_delta", index=0, delta=delta)
+            if ev.finish_reason is not None:
+                yield an.event("content_block_stop", index=0)
+                delta = {"stop_reason": an.stop_reason(ev, handle.stop_matched),
+                         "stop_sequence": handle.stop_matched}  # fmt: skip
+                yield an.event("message_delta", delta=delta, usage={"output_tokens": count})
+                yield an.event("message_stop")
+
     async def models(request: HttpRequest):
         try:
             check_key(request)
@@ -207,6 +255,7 @@ def make_app(
         Route("/v1/models", models),
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/messages", messages, methods=["POST"]),
     ]
 
     @contextlib.asynccontextmanager
