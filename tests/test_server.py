@@ -17,9 +17,10 @@ import openai
 import pytest
 import uvicorn
 
-from helpers import SMOL, fixture_model
+from helpers import QWEN, SMOL, fixture_model
 from mlxllm import generate, load
 from mlxllm.server.app import Served, make_app
+from mlxllm.server.openai import chat_request
 
 KEY = "test-key"
 QUESTION = [{"role": "user", "content": "Name three colours."}]
@@ -36,11 +37,9 @@ def smol():
     return load(fixture_model(SMOL), dtype=mx.float32)
 
 
-@pytest.fixture(scope="module")
-def server(smol):
-    model, tok = smol
+def _serve(name, model, tok, **kw):
     port = _free_port()
-    served = Served("smol", model, tok, memory_budget=1 << 30, max_queued=8)
+    served = Served(name, model, tok, memory_budget=1 << 30, max_queued=8)
     config = uvicorn.Config(make_app(served, api_key=KEY, max_body_bytes=1 << 16),
                             host="127.0.0.1", port=port, log_level="warning")  # fmt: skip
     srv = uvicorn.Server(config)
@@ -50,7 +49,13 @@ def server(smol):
         if srv.started:
             break
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", served
+    return f"http://127.0.0.1:{port}", served, srv, thread
+
+
+@pytest.fixture(scope="module")
+def server(smol):
+    url, served, srv, thread = _serve("smol", *smol)
+    yield url, served
     srv.should_exit = True
     thread.join(timeout=30)
 
@@ -202,3 +207,50 @@ def test_anthropic_messages_streaming_and_not(server, smol):
     assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop
     with pytest.raises(anthropic.BadRequestError, match="max_tokens"):
         client.messages.create(model="smol", max_tokens=0, messages=QUESTION)
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}  # fmt: skip
+
+
+def test_tool_call_round_trip_with_qwen():
+    """Qwen2.5-Coder calls the offered tool (parsed into tool_calls, in streaming too), and the
+    tool's result goes back through its chat template into an answer."""
+    model, tok = load(fixture_model(QWEN), dtype=mx.float32)
+    url, _, srv, thread = _serve("qwen", model, tok)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+        ask = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+        got = client.chat.completions.create(model="qwen", messages=ask, tools=[WEATHER],
+                                             max_tokens=64, temperature=0)  # fmt: skip
+        choice = got.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "get_weather"
+        assert json.loads(call.function.arguments) == {"city": "Paris"}
+        stream = client.chat.completions.create(
+            model="qwen", messages=ask, tools=[WEATHER], max_tokens=64, temperature=0, stream=True
+        )
+        deltas = [d for c in stream if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+        assert [(d.function.name, json.loads(d.function.arguments)) for d in deltas] == [
+            ("get_weather", {"city": "Paris"})
+        ]
+        follow = ask + [
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and raining"},
+        ]
+        answer = client.chat.completions.create(model="qwen", messages=follow, tools=[WEATHER],
+                                                max_tokens=40, temperature=0)  # fmt: skip
+        assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+        # the call and its result reach the model through its template (what the 0.5B model
+        # makes of them is its own business: it tends to call again)
+        req, _, _ = chat_request({"messages": follow, "tools": [WEATHER]}, tok, 100)
+        prompt = tok.decode(req.prompt)
+        assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}' in prompt
+        assert "<tool_response>\n18 degrees and raining\n</tool_response>" in prompt
+        assert answer.usage.prompt_tokens == len(req.prompt)
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)

@@ -24,6 +24,7 @@ from mlxllm.engine import Engine, QueueFull
 from mlxllm.server import anthropic as an
 from mlxllm.server import openai as oa
 from mlxllm.server.openai import ApiError
+from mlxllm.server.parse import OutputParser
 
 
 class Served:
@@ -97,32 +98,46 @@ def make_app(
     async def chat(request: HttpRequest):
         try:
             body = await body_of(request)
-            req, stops = oa.chat_request(body, served.tokenizer, max_tokens_cap)
+            req, stops, info = oa.chat_request(body, served.tokenizer, max_tokens_cap)
             handle = open_request(req, stops)
         except ApiError as e:
             return _error(e)
         rid, model = oa.new_id("chatcmpl"), served.name
         want_lp = req.logprobs is not None
+        parser = OutputParser(thinking=info["thinking"], tools=info["tools"])
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(
-                _chat_stream(handle, rid, model, want_lp, include_usage),
+                _chat_stream(handle, parser, rid, model, want_lp, include_usage),
                 media_type="text/event-stream",
             )
         try:
             events = await collect(handle)
         except ApiError as e:
             return _error(e)
-        text = "".join(e.text for e in events)
         last = events[-1]
+        parts = parser.feed("".join(e.text for e in events)) + parser.finish()
+        message = {"role": "assistant", "content": None}
+        text = "".join(v for k, v in parts if k == "content")
+        reasoning = "".join(v for k, v in parts if k == "reasoning")
+        calls = [_call(v, i) for i, (k, v) in enumerate(x for x in parts if x[0] == "tool_call")]
+        if text or not calls:
+            message["content"] = text
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        if calls:
+            message["tool_calls"] = calls
         content = [oa.token_logprobs(served.tokenizer, e) for e in events if _answer(e)]
         use = oa.usage(last.prompt_tokens, _count(events), last.cached_tokens)
         lp = {"content": content} if want_lp else None
-        return JSONResponse(oa.chat_response(rid, model, text, _reason(last), lp, use))
+        reason = "tool_calls" if calls else _reason(last)
+        out = oa.chat_response(rid, model, "", reason, lp, use)
+        out["choices"][0]["message"] = message
+        return JSONResponse(out)
 
-    async def _chat_stream(handle, rid, model, want_lp, include_usage):
+    async def _chat_stream(handle, parser, rid, model, want_lp, include_usage):
         yield sse(oa.chat_chunk(rid, model, {"role": "assistant", "content": ""}))
-        count, last = 0, None
+        count, last, calls = 0, None, 0
         async for ev in handle:
             last = ev
             if ev.finish_reason == "error":
@@ -133,10 +148,19 @@ def make_app(
             lp = None
             if want_lp and _answer(ev):
                 lp = {"content": [oa.token_logprobs(served.tokenizer, ev)]}
-            if ev.text or lp:
-                yield sse(oa.chat_chunk(rid, model, {"content": ev.text}, logprobs=lp))
+            parts = parser.feed(ev.text) + (parser.finish() if ev.finish_reason else [])
+            for kind, value in parts:
+                if kind == "tool_call":
+                    delta = {"tool_calls": [dict(_call(value, calls), index=calls)]}
+                    calls += 1
+                else:
+                    delta = {"reasoning_content" if kind == "reasoning" else "content": value}
+                yield sse(oa.chat_chunk(rid, model, delta, logprobs=lp))
+                lp = None
+            if lp:
+                yield sse(oa.chat_chunk(rid, model, {"content": ""}, logprobs=lp))
             if ev.finish_reason is not None:
-                yield sse(oa.chat_chunk(rid, model, {}, _reason(ev)))
+                yield sse(oa.chat_chunk(rid, model, {}, "tool_calls" if calls else _reason(ev)))
         if include_usage and last is not None:
             use = oa.usage(last.prompt_tokens, count, last.cached_tokens)
             yield sse(oa.chat_chunk(rid, model, {}, use=use))
@@ -267,6 +291,10 @@ def make_app(
             served.engine.stop()  # Ctrl-C: running requests end, the thread exits
 
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+def _call(call: dict, i: int) -> dict:
+    return {"id": f"call_{i}_{oa.new_id('t')[-8:]}", "type": "function", "function": call}
 
 
 def _answer(ev) -> bool:

@@ -8,14 +8,14 @@ field, one line saying what it takes), which the app turns into OpenAI's error o
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
 
 from mlxllm.engine import Request
-from mlxllm.errors import InvalidArgument
+from mlxllm.errors import InvalidArgument, MlxllmError
 from mlxllm.generation.sample import check_sampling
-from mlxllm.generation.stream import encode_prompt
 
 
 class ApiError(Exception):
@@ -106,23 +106,57 @@ def _sampling(body: dict, max_cap: int) -> dict:
     return req
 
 
-def chat_request(body: dict, tokenizer, max_cap: int) -> tuple[Request, list[str]]:
-    """``POST /v1/chat/completions`` body -> (engine request, stop strings)."""
+def _message(m, i: int) -> dict:
+    """One chat message as templates read it: text content; an assistant's ``tool_calls`` with
+    their arguments as objects (templates ``tojson`` them); a tool result's id and name."""
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise ApiError(400, f"messages[{i}] must be an object with a 'role'", "messages")
+    out = {"role": m["role"], "content": _text(m.get("content"), f"messages[{i}]")}
+    calls = m.get("tool_calls")
+    if calls:
+        if not isinstance(calls, list):
+            raise ApiError(400, f"messages[{i}].tool_calls must be a list", "messages")
+        out["tool_calls"] = []
+        for c in calls:
+            fn = dict((c or {}).get("function") or {})
+            if isinstance(fn.get("arguments"), str):
+                try:
+                    fn["arguments"] = json.loads(fn["arguments"])
+                except json.JSONDecodeError:
+                    pass  # kept as the string the client sent
+            out["tool_calls"].append({"type": "function", "id": c.get("id"), "function": fn})
+    for key in ("tool_call_id", "name"):
+        if isinstance(m.get(key), str):
+            out[key] = m[key]
+    return out
+
+
+def chat_request(body: dict, tokenizer, max_cap: int) -> tuple[Request, list[str], dict]:
+    """``POST /v1/chat/completions`` body -> (engine request, stop strings, how to read the
+    answer: ``{"thinking": starts inside <think>, "tools": tools were offered}``)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of messages", "messages")
-    chat = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise ApiError(400, f"messages[{i}] must be an object with a 'role'", "messages")
-        chat.append({"role": m["role"], "content": _text(m.get("content"), f"messages[{i}]")})
+    chat = [_message(m, i) for i, m in enumerate(messages)]
+    tools = body.get("tools") or None
+    if tools is not None and not (isinstance(tools, list) and all(
+            isinstance(t, dict) for t in tools)):  # fmt: skip
+        raise ApiError(400, "'tools' must be a list of tool objects", "tools")
+    kwargs = dict(body.get("chat_template_kwargs") or {})
+    if body.get("enable_thinking") is not None:
+        kwargs["enable_thinking"] = bool(body["enable_thinking"])
     if tokenizer.chat_template is None:
         raise ApiError(400, "this model has no chat template; use /v1/completions", "messages")
     try:
-        ids = encode_prompt(tokenizer, chat, None, None)
+        text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tools=tools,
+                                             **kwargs)  # fmt: skip
     except InvalidArgument as e:  # a template that refuses these messages
         raise ApiError(400, str(e), "messages") from None
-    return Request(ids, **_sampling(body, max_cap)), _stops(body)
+    except MlxllmError as e:
+        raise ApiError(400, str(e), "messages") from None
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    info = {"thinking": text.rstrip().endswith("<think>"), "tools": bool(tools)}
+    return Request(ids, **_sampling(body, max_cap)), _stops(body), info
 
 
 def completion_request(body: dict, tokenizer, max_cap: int) -> tuple[Request, list[str]]:
