@@ -254,3 +254,34 @@ def test_tool_call_round_trip_with_qwen():
     finally:
         srv.should_exit = True
         thread.join(timeout=30)
+
+
+def test_a_full_queue_answers_429_with_retry_after(smol):
+    model, tok = smol
+    port = _free_port()
+    served = Served("smol", model, tok, memory_budget=1 << 30, max_batch=1, max_queued=1)
+    srv = uvicorn.Server(uvicorn.Config(make_app(served), host="127.0.0.1", port=port,
+                                        log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    try:
+        running = client.chat.completions.create(model="smol", messages=QUESTION,
+                                                 max_tokens=2000, stream=True)  # fmt: skip
+        next(iter(running))  # it holds the one slot
+        waiting = ThreadPoolExecutor(1).submit(
+            client.chat.completions.create, model="smol", messages=QUESTION, max_tokens=2
+        )
+        while len(served.engine._waiting) < 1:
+            time.sleep(0.02)
+        with pytest.raises(openai.RateLimitError) as err:
+            client.chat.completions.create(model="smol", messages=QUESTION, max_tokens=2)
+        assert err.value.response.headers["retry-after"] == "1"
+        assert "max_queued=1" in err.value.message
+        running.close()  # frees the slot: the waiting request then runs
+        assert waiting.result(timeout=60).choices[0].message.content is not None
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
