@@ -285,3 +285,46 @@ def test_a_full_queue_answers_429_with_retry_after(smol):
     finally:
         srv.should_exit = True
         thread.join(timeout=30)
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "colour": {"enum": ["red", "green", "blue"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 3},
+    },
+    "required": ["name", "age", "colour", "tags"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_output_always_validates(client):
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    people = ["a pirate", "a chef", "a child", "an astronaut", "a painter"]
+
+    def ask(i):
+        messages = [{"role": "user", "content": f"Describe {people[i % 5]} as JSON."}]
+        got = client.chat.completions.create(
+            model="smol", messages=messages, max_tokens=200, temperature=0.9, seed=i,
+            response_format=fmt,
+        )  # fmt: skip
+        return got.choices[0]
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, range(20)))
+    for choice in answers:
+        jsonschema.validate(json.loads(choice.message.content), PERSON)
+        assert choice.finish_reason == "stop"
+    assert len({c.message.content for c in answers}) > 10  # sampled, not one answer
+    obj = client.chat.completions.create(
+        model="smol", messages=QUESTION, max_tokens=100, temperature=0,
+        response_format={"type": "json_object"},
+    )  # fmt: skip
+    assert isinstance(json.loads(obj.choices[0].message.content), dict)
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(model="smol", messages=QUESTION, max_tokens=5,
+                                       response_format={"type": "yaml"})  # fmt: skip

@@ -53,6 +53,8 @@ class Request:
         stop_token_ids: ids that end the request besides the engine's eos ids.
         logprobs: None, or how many top alternatives to report with each token's log
             probability (0: only the chosen token's).
+        logits_processors: called on each step's logits of this request with its ids so far
+            (prompt and generated), e.g. a grammar's mask; they run before sampling.
     """
 
     prompt: list[int]
@@ -65,6 +67,7 @@ class Request:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None
+    logits_processors: tuple = ()  # p(history ids, logits[1, V]) -> logits, in the engine thread
 
 
 @dataclasses.dataclass
@@ -106,7 +109,7 @@ class _Seq:
         self.greedy = req.temperature == 0
         self.processors = (
             [make_rep_penalty(req.repetition_penalty)] if req.repetition_penalty else []
-        )
+        ) + list(req.logits_processors)
         self.seed = req.seed if req.seed is not None else secrets.randbits(63)
         self.key = None  # made in the engine's thread (MLX streams belong to one thread)
         self.generated: list[int] = []

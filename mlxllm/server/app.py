@@ -23,6 +23,7 @@ from starlette.routing import Route
 from mlxllm.engine import Engine, QueueFull
 from mlxllm.server import anthropic as an
 from mlxllm.server import openai as oa
+from mlxllm.server import structured
 from mlxllm.server.openai import ApiError
 from mlxllm.server.parse import OutputParser
 
@@ -84,6 +85,14 @@ def make_app(
         except ValueError as e:  # InvalidArgument: e.g. a prompt longer than the context
             raise ApiError(400, str(e)) from None
 
+    def constrain(req, response_format) -> None:
+        """``response_format`` json_object / json_schema: the grammar's mask on every step."""
+        schema = structured.schema_of(response_format)
+        if schema is not None:
+            vocab = served.model.config.vocab_size
+            mask = structured.JsonConstraint(schema, served.tokenizer, vocab, len(req.prompt))
+            req.logits_processors = (*req.logits_processors, mask)
+
     async def collect(handle):
         """All events of a request; ends with its final event."""
         events = [ev async for ev in handle]
@@ -99,6 +108,7 @@ def make_app(
         try:
             body = await body_of(request)
             req, stops, info = oa.chat_request(body, served.tokenizer, max_tokens_cap)
+            constrain(req, body.get("response_format"))
             handle = open_request(req, stops)
         except ApiError as e:
             return _error(e)
@@ -170,6 +180,7 @@ def make_app(
         try:
             body = await body_of(request)
             req, stops = oa.completion_request(body, served.tokenizer, max_tokens_cap)
+            constrain(req, body.get("response_format"))
             handle = open_request(req, stops)
         except ApiError as e:
             return _error(e)
