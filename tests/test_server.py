@@ -328,3 +328,47 @@ def test_json_schema_output_always_validates(client):
     with pytest.raises(openai.BadRequestError, match="response_format"):
         client.chat.completions.create(model="smol", messages=QUESTION, max_tokens=5,
                                        response_format={"type": "yaml"})  # fmt: skip
+
+
+def test_anthropic_tool_use_round_trip_with_qwen():
+    """Anthropic tools and tool_use / tool_result blocks through Qwen's template: the call comes
+    back as a tool_use block (streamed as input_json_delta too) and its result is rendered."""
+    import anthropic
+
+    from mlxllm.server.anthropic import messages_request
+
+    model, tok = load(fixture_model(QWEN), dtype=mx.float32)
+    url, _, srv, thread = _serve("qwen", model, tok)
+    tool = {"name": "get_weather", "description": "Get the current weather in a city",
+            "input_schema": WEATHER["function"]["parameters"]}  # fmt: skip
+    ask = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+    greedy = {"extra_body": {"temperature": 0}}
+    try:
+        client = anthropic.Anthropic(base_url=url, api_key=KEY, max_retries=0)
+        got = client.messages.create(model="qwen", max_tokens=64, messages=ask, tools=[tool],
+                                     **greedy)  # fmt: skip
+        assert got.stop_reason == "tool_use"
+        (use,) = [b for b in got.content if b.type == "tool_use"]
+        assert use.name == "get_weather" and use.input == {"city": "Paris"}
+        with client.messages.stream(model="qwen", max_tokens=64, messages=ask, tools=[tool],
+                                    **greedy) as stream:  # fmt: skip
+            final = stream.get_final_message()
+        assert [(b.name, b.input) for b in final.content if b.type == "tool_use"] == [
+            ("get_weather", {"city": "Paris"})
+        ]
+        follow = ask + [
+            {"role": "assistant", "content": [use.model_dump()]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                          "content": "18 degrees and raining"}]},
+        ]  # fmt: skip
+        answer = client.messages.create(model="qwen", max_tokens=30, messages=follow,
+                                        tools=[tool], **greedy)  # fmt: skip
+        assert answer.content
+        req, _, _ = messages_request({"max_tokens": 5, "messages": follow, "tools": [tool]},
+                                     tok, 100)  # fmt: skip
+        prompt = tok.decode(req.prompt)
+        assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in prompt
+        assert "<tool_response>\n18 degrees and raining\n</tool_response>" in prompt
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)

@@ -233,26 +233,32 @@ def make_app(
 
         try:
             body = await body_of(request)
-            req, stops = an.messages_request(body, served.tokenizer, max_tokens_cap)
+            req, stops, info = an.messages_request(body, served.tokenizer, max_tokens_cap)
             handle = open_request(req, stops)
         except ApiError as e:
             return fail(e)
         rid, model = an.message_id(), served.name
+        parser = OutputParser(thinking=info["thinking"], tools=info["tools"])
         if body.get("stream"):
-            return StreamingResponse(_messages_stream(handle, rid, model),
+            return StreamingResponse(_messages_stream(handle, parser, rid, model),
                                      media_type="text/event-stream")  # fmt: skip
         try:
             events = await collect(handle)
         except ApiError as e:
             return fail(e)
         last = events[-1]
-        text = "".join(e.text for e in events)
-        reason = an.stop_reason(last, handle.stop_matched)
+        blocks = an.content_blocks(parser.feed("".join(e.text for e in events)) + parser.finish())
+        tool_use = any(b["type"] == "tool_use" for b in blocks)
+        reason = an.stop_reason(last, handle.stop_matched, tool_use)
         use = an.usage(last, _count(events))
-        return JSONResponse(an.message(rid, model, text, reason, handle.stop_matched, use))
+        return JSONResponse(an.message(rid, model, blocks, reason, handle.stop_matched, use))
 
-    async def _messages_stream(handle, rid, model):
-        count, started = 0, False
+    async def _messages_stream(handle, parser, rid, model):
+        count, started, index, open_kind, tool_use = 0, False, -1, None, False
+
+        def close():
+            return an.event("content_block_stop", index=index)
+
         async for ev in handle:
             if not started:
                 for line in an.stream_start(rid, model, ev.prompt_tokens, ev.cached_tokens):
@@ -263,12 +269,34 @@ def make_app(
                 yield an.event("error", error=an.error_body(e)["error"])
                 return
             count += ev.token is not None
-            if ev.text:
-                delta = {"type": "text_delta", "text": ev.text}
-                yield an.event("content_block_delta", index=0, delta=delta)
+            parts = parser.feed(ev.text) + (parser.finish() if ev.finish_reason else [])
+            for kind, value in parts:
+                if kind != open_kind or kind == "tool_call":
+                    if open_kind is not None:
+                        yield close()
+                    index += 1
+                    open_kind = kind
+                    if kind == "tool_call":
+                        block = an.tool_block(value)
+                        tool_use = True
+                        start = dict(block, input={})
+                        yield an.event("content_block_start", index=index, content_block=start)
+                        delta = {"type": "input_json_delta", "partial_json": value["arguments"]}
+                        yield an.event("content_block_delta", index=index, delta=delta)
+                        continue
+                    empty = ({"type": "thinking", "thinking": "", "signature": ""}
+                             if kind == "reasoning" else {"type": "text", "text": ""})  # fmt: skip
+                    yield an.event("content_block_start", index=index, content_block=empty)
+                delta = ({"type": "thinking_delta", "thinking": value} if kind == "reasoning"
+                         else {"type": "text_delta", "text": value})  # fmt: skip
+                yield an.event("content_block_delta", index=index, delta=delta)
             if ev.finish_reason is not None:
-                yield an.event("content_block_stop", index=0)
-                delta = {"stop_reason": an.stop_reason(ev, handle.stop_matched),
+                if open_kind is None:  # an empty answer still has one text block
+                    index = 0
+                    yield an.event("content_block_start", index=0,
+                                   content_block={"type": "text", "text": ""})  # fmt: skip
+                yield close()
+                delta = {"stop_reason": an.stop_reason(ev, handle.stop_matched, tool_use),
                          "stop_sequence": handle.stop_matched}  # fmt: skip
                 yield an.event("message_delta", delta=delta, usage={"output_tokens": count})
                 yield an.event("message_stop")
