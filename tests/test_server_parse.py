@@ -58,3 +58,37 @@ def test_bare_json_call_when_tools_were_offered():
     ]
     assert _run(OutputParser(tools=True), ['{"a": 1} is JSON']) == [("content", '{"a": 1} is JSON')]
     assert _run(OutputParser(tools=False), [call]) == [("content", call)]
+
+
+ARGS = {"city": "Paris", "days": 2}
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # DeepSeek-V3 / R1
+        "Let me look.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n"
+        '```json\n{"city": "Paris", "days": 2}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
+        # DeepSeek-V3.1 and later
+        "Let me look.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>"
+        '{"city": "Paris", "days": 2}<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
+        # Mistral
+        'Let me look.[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", '
+        '"days": 2}}]',
+        # Llama 3.1+
+        'Let me look.<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", '
+        '"days": 2}}',
+    ],
+)
+@pytest.mark.parametrize("size", [1, 5, 1000])
+def test_each_family_tool_call_format(answer, size):
+    deltas = [answer[i : i + size] for i in range(0, len(answer), size)]
+    got = _run(OutputParser(tools=True), deltas)
+    assert got[0] == ("content", "Let me look.")
+    assert got[1:] == [("tool_call", {"name": "get_weather", "arguments": json.dumps(ARGS)})]
+
+
+def test_broken_family_calls_come_back_as_text():
+    deepseek = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>oops<｜tool▁calls▁end｜>"
+    for text in ["[TOOL_CALLS] [{bad", "<|python_tag|>print(1)", deepseek]:
+        assert "".join(v for _, v in _run(OutputParser(tools=True), [text])) == text
