@@ -39,7 +39,7 @@ def smol():
 
 def _serve(name, model, tok, **kw):
     port = _free_port()
-    served = Served(name, model, tok, memory_budget=1 << 30, max_queued=8)
+    served = Served(name, model, tok, memory_budget=1 << 30, max_queued=32)
     config = uvicorn.Config(make_app(served, api_key=KEY, max_body_bytes=1 << 16),
                             host="127.0.0.1", port=port, log_level="warning")  # fmt: skip
     srv = uvicorn.Server(config)
@@ -117,19 +117,41 @@ def test_completions_stop_and_logprobs(client, smol):
         assert entry.top_logprobs[0].token == entry.token  # greedy: the top one
 
 
-def test_concurrent_streams_equal_alone(client, smol):
+def test_sixteen_streams_equal_alone_while_four_clients_leave(client, server, smol):
+    """16 streaming clients at once, each answer equal to the request alone (greedy), while 4
+    more clients hang up after two chunks; afterwards no slot is left busy."""
     model, tok = smol
-    texts = ("What is 2+2?", "Say hi.", "Name a fruit.", "What colour is the sky?")
-    questions = [[{"role": "user", "content": q}] for q in texts]
+    subjects = ["cats", "rain", "maps", "tea", "ships", "bees", "snow", "clocks", "bread",
+                "stars", "trains", "moss", "kites", "salt", "owls", "glass"]  # fmt: skip
+    questions = [[{"role": "user", "content": f"One sentence about {s}."}] for s in subjects]
 
     def ask(messages):
         stream = client.chat.completions.create(model="smol", messages=messages, max_tokens=16,
                                                 temperature=0, stream=True)  # fmt: skip
         return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
-    with ThreadPoolExecutor(4) as pool:
+    def leave(i):
+        stream = client.chat.completions.create(model="smol", messages=questions[i],
+                                                max_tokens=500, stream=True)  # fmt: skip
+        for n, _ in enumerate(stream):
+            if n == 2:
+                break
+        stream.close()
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(20) as pool:
+        gone = [pool.submit(leave, i) for i in range(4)]
         got = list(pool.map(ask, questions))
+        for f in gone:
+            f.result(timeout=120)
+    assert time.perf_counter() - t0 < 240
     assert got == [generate(model, tok, q, max_tokens=16) for q in questions]
+    _, served = server
+    for _ in range(200):
+        if not served.engine.busy:
+            break
+        time.sleep(0.05)
+    assert not served.engine.busy and not served.engine.rows
 
 
 def test_models_health_auth_and_bad_requests(client, server):
