@@ -397,6 +397,9 @@ def serve(
         None, "--api-key", envvar="MLXLLM_API_KEY", help="Require this key on every route."
     ),
     max_batch: int = typer.Option(32, "--max-batch", help="Most requests decoding at once."),
+    request_timeout: float = typer.Option(
+        600.0, "--request-timeout", help="Seconds a request may run before it is cancelled."
+    ),
     dtype: str | None = Dtype,
     adapter: str | None = Adapter,
 ):
@@ -406,6 +409,8 @@ def serve(
         _check_dtype(dtype)
         if not 0 < port < 65536:
             _fail(f"--port {port}: use 1 to 65535")
+        if not request_timeout > 0:
+            _fail(f"--request-timeout {request_timeout}: use a number of seconds > 0")
         m, tok = _load(model, dtype)
         m = _apply_adapter(m, adapter)
         import uvicorn
@@ -413,7 +418,7 @@ def serve(
         from mlxllm.server.app import Served, make_app
 
         served = Served(model, m, tok, max_batch=max_batch)
-        app_ = make_app(served, api_key=api_key)
+        app_ = make_app(served, api_key=api_key, request_timeout=request_timeout)
         uvicorn.run(app_, host=host, port=port, log_level="info")
 
 

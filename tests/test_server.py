@@ -394,3 +394,34 @@ def test_anthropic_tool_use_round_trip_with_qwen():
     finally:
         srv.should_exit = True
         thread.join(timeout=30)
+
+
+def test_a_request_past_its_timeout_is_cancelled(smol):
+    model, tok = smol
+    port = _free_port()
+    served = Served("smol", model, tok, memory_budget=1 << 30)
+    srv = uvicorn.Server(uvicorn.Config(make_app(served, request_timeout=1.0), host="127.0.0.1",
+                                        port=port, log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    try:
+        t = time.perf_counter()
+        with pytest.raises(openai.APIStatusError) as err:  # 2000 tokens take ~30 s here
+            client.chat.completions.create(model="smol", messages=QUESTION, max_tokens=2000)
+        assert err.value.status_code == 504 and "request timeout of 1 s" in err.value.message
+        assert time.perf_counter() - t < 10
+        stream = client.chat.completions.create(model="smol", messages=QUESTION,
+                                                max_tokens=2000, stream=True)  # fmt: skip
+        with pytest.raises(openai.APIError, match="request timeout of 1 s"):
+            list(stream)  # the stream ends with the error event instead of running on
+        for _ in range(100):
+            if not served.engine.busy:
+                break
+            time.sleep(0.05)
+        assert not served.engine.busy
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)

@@ -11,6 +11,7 @@ handle's ``async for`` ends), which frees its rows at the engine's next step.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -47,6 +48,7 @@ def make_app(
     api_key: str | None = None,
     max_body_bytes: int = 8 << 20,
     max_tokens_cap: int = 32768,
+    request_timeout: float = 600.0,
 ) -> Starlette:
     """The ASGI app. ``api_key``: every route but ``/health`` needs ``Authorization: Bearer
     KEY`` (or ``x-api-key: KEY``)."""
@@ -93,9 +95,33 @@ def make_app(
             mask = structured.JsonConstraint(schema, served.tokenizer, vocab, len(req.prompt))
             req.logits_processors = (*req.logits_processors, mask)
 
+    async def timed(handle):
+        """The request's events until ``request_timeout``; past it the request is cancelled
+        (its slot freed) and ``TimeoutError`` raised."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + request_timeout
+        events = handle.__aiter__()
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(events.__anext__(), deadline - loop.time())
+                except StopAsyncIteration:
+                    return
+                yield ev
+        except (TimeoutError, asyncio.TimeoutError):
+            raise TimeoutError(
+                f"the request ran past the server's request timeout of {request_timeout:g} s; "
+                "ask for fewer tokens or start the server with a longer --request-timeout"
+            ) from None
+        finally:
+            await events.aclose()  # cancels the request if it is still running
+
     async def collect(handle):
         """All events of a request; ends with its final event."""
-        events = [ev async for ev in handle]
+        try:
+            events = [ev async for ev in timed(handle)]
+        except TimeoutError as e:
+            raise ApiError(504, str(e), kind="timeout_error") from None
         last = events[-1]
         if last.finish_reason == "error":
             raise ApiError(503, last.error or "generation failed")
@@ -148,10 +174,11 @@ def make_app(
     async def _chat_stream(handle, parser, rid, model, want_lp, include_usage):
         yield sse(oa.chat_chunk(rid, model, {"role": "assistant", "content": ""}))
         count, last, calls = 0, None, 0
-        async for ev in handle:
+        async for ev in _guard(timed(handle), oa_error):
             last = ev
             if ev.finish_reason == "error":
-                yield sse(ApiError(503, ev.error or "generation failed").body())
+                failed = ApiError(503, getattr(ev, "error", None) or "generation failed")
+                yield ev.line if isinstance(ev, _Failed) else oa_error(failed)
                 return
             if _answer(ev):
                 count += 1
@@ -213,10 +240,11 @@ def make_app(
 
     async def _completion_stream(handle, rid, model, include_usage):
         count, last = 0, None
-        async for ev in handle:
+        async for ev in _guard(timed(handle), oa_error):
             last = ev
             if ev.finish_reason == "error":
-                yield sse(ApiError(503, ev.error or "generation failed").body())
+                failed = ApiError(503, getattr(ev, "error", None) or "generation failed")
+                yield ev.line if isinstance(ev, _Failed) else oa_error(failed)
                 return
             count += _answer(ev)
             if ev.text or ev.finish_reason is not None:
@@ -259,14 +287,14 @@ def make_app(
         def close():
             return an.event("content_block_stop", index=index)
 
-        async for ev in handle:
+        async for ev in _guard(timed(handle), an_error):
             if not started:
                 for line in an.stream_start(rid, model, ev.prompt_tokens, ev.cached_tokens):
                     yield line
                 started = True
             if ev.finish_reason == "error":
-                e = ApiError(503, ev.error or "generation failed")
-                yield an.event("error", error=an.error_body(e)["error"])
+                failed = ApiError(503, getattr(ev, "error", None) or "generation failed")
+                yield ev.line if isinstance(ev, _Failed) else an_error(failed)
                 return
             count += ev.token is not None
             parts = parser.feed(ev.text) + (parser.finish() if ev.finish_reason else [])
@@ -330,6 +358,31 @@ def make_app(
             served.engine.stop()  # Ctrl-C: running requests end, the thread exits
 
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+class _Failed:
+    """A stream's last item when it fails midway: the error line to send."""
+
+    def __init__(self, line: str):
+        self.line = line
+        self.finish_reason, self.text, self.token = "error", "", None
+
+
+async def _guard(events, error_line):
+    """``events``, and on a timeout one ``_Failed`` carrying the API's error line."""
+    try:
+        async for ev in events:
+            yield ev
+    except TimeoutError as e:
+        yield _Failed(error_line(ApiError(504, str(e), kind="timeout_error")))
+
+
+def oa_error(e: ApiError) -> str:
+    return f"data: {json.dumps(e.body())}\n\n"
+
+
+def an_error(e: ApiError) -> str:
+    return an.event("error", error=an.error_body(e)["error"])
 
 
 def _call(call: dict, i: int) -> dict:
