@@ -390,7 +390,9 @@ def fuse(
 
 @app.command()
 def serve(
-    model: str = typer.Argument(..., help=MODEL_HELP),
+    model: str | None = typer.Argument(
+        None, help=MODEL_HELP + " The default model (requests may name others)."
+    ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0: all)."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
     api_key: str | None = typer.Option(
@@ -399,6 +401,9 @@ def serve(
     max_batch: int = typer.Option(32, "--max-batch", help="Most requests decoding at once."),
     request_timeout: float = typer.Option(
         600.0, "--request-timeout", help="Seconds a request may run before it is cancelled."
+    ),
+    keep_alive: float = typer.Option(
+        300.0, "--keep-alive", help="Seconds a model named by requests stays loaded when idle."
     ),
     dtype: str | None = Dtype,
     adapter: str | None = Adapter,
@@ -411,14 +416,24 @@ def serve(
             _fail(f"--port {port}: use 1 to 65535")
         if not request_timeout > 0:
             _fail(f"--request-timeout {request_timeout}: use a number of seconds > 0")
-        m, tok = _load(model, dtype)
-        m = _apply_adapter(m, adapter)
+        if keep_alive < 0:
+            _fail(f"--keep-alive {keep_alive}: use a number of seconds >= 0")
         import uvicorn
 
-        from mlxllm.server.app import Served, make_app
+        from mlxllm.server.app import make_app
+        from mlxllm.server.models import Models, Served
 
-        served = Served(model, m, tok, max_batch=max_batch)
-        app_ = make_app(served, api_key=api_key, request_timeout=request_timeout)
+        default = None
+        if model is not None:
+            m, tok = _load(model, dtype)
+            default = Served(model, _apply_adapter(m, adapter), tok, max_batch=max_batch)
+        elif adapter is not None:
+            _fail("--adapter needs MODEL (the model it adapts)")
+        import mlx.core as mx
+
+        compute = getattr(mx, dtype) if dtype else None
+        models = Models(default, keep_alive=keep_alive, dtype=compute, max_batch=max_batch)
+        app_ = make_app(models, api_key=api_key, request_timeout=request_timeout)
         uvicorn.run(app_, host=host, port=port, log_level="info")
 
 

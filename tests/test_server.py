@@ -19,7 +19,8 @@ import uvicorn
 
 from helpers import QWEN, SMOL, fixture_model
 from mlxllm import generate, load
-from mlxllm.server.app import Served, make_app
+from mlxllm.server.app import make_app
+from mlxllm.server.models import Models, Served
 from mlxllm.server.openai import chat_request
 
 KEY = "test-key"
@@ -156,7 +157,8 @@ def test_sixteen_streams_equal_alone_while_four_clients_leave(client, server, sm
 
 def test_models_health_auth_and_bad_requests(client, server):
     url, served = server
-    assert [m.id for m in client.models.list()] == ["smol"]
+    listed = client.models.list().data
+    assert listed[0].id == "smol" and listed[0].model_extra["loaded"] is True
     with urllib.request.urlopen(url + "/health", timeout=10) as r:
         assert json.loads(r.read())["status"] == "ok"
     bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
@@ -279,20 +281,20 @@ def test_tool_call_round_trip_with_qwen():
 
 
 def test_a_full_queue_answers_429_with_retry_after(smol):
+    """With the engine held (its thread stopped), one request waits in the queue of one; the
+    next gets 429 with Retry-After; once the engine runs again the waiting one is answered."""
     model, tok = smol
     port = _free_port()
-    served = Served("smol", model, tok, memory_budget=1 << 30, max_batch=1, max_queued=1)
+    served = Served("smol", model, tok, memory_budget=1 << 30, max_queued=1)
     srv = uvicorn.Server(uvicorn.Config(make_app(served), host="127.0.0.1", port=port,
                                         log_level="warning"))  # fmt: skip
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     while not srv.started:
         time.sleep(0.05)
+    served.engine.stop()
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
     try:
-        running = client.chat.completions.create(model="smol", messages=QUESTION,
-                                                 max_tokens=2000, stream=True)  # fmt: skip
-        next(iter(running))  # it holds the one slot
         waiting = ThreadPoolExecutor(1).submit(
             client.chat.completions.create, model="smol", messages=QUESTION, max_tokens=2
         )
@@ -302,95 +304,8 @@ def test_a_full_queue_answers_429_with_retry_after(smol):
             client.chat.completions.create(model="smol", messages=QUESTION, max_tokens=2)
         assert err.value.response.headers["retry-after"] == "1"
         assert "max_queued=1" in err.value.message
-        running.close()  # frees the slot: the waiting request then runs
+        served.engine.start()
         assert waiting.result(timeout=60).choices[0].message.content is not None
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=30)
-
-
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 20},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "colour": {"enum": ["red", "green", "blue"]},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 3},
-    },
-    "required": ["name", "age", "colour", "tags"],
-    "additionalProperties": False,
-}
-
-
-def test_json_schema_output_always_validates(client):
-    import jsonschema
-
-    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
-    people = ["a pirate", "a chef", "a child", "an astronaut", "a painter"]
-
-    def ask(i):
-        messages = [{"role": "user", "content": f"Describe {people[i % 5]} as JSON."}]
-        got = client.chat.completions.create(
-            model="smol", messages=messages, max_tokens=200, temperature=0.9, seed=i,
-            response_format=fmt,
-        )  # fmt: skip
-        return got.choices[0]
-
-    with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(ask, range(20)))
-    for choice in answers:
-        jsonschema.validate(json.loads(choice.message.content), PERSON)
-        assert choice.finish_reason == "stop"
-    assert len({c.message.content for c in answers}) > 10  # sampled, not one answer
-    obj = client.chat.completions.create(
-        model="smol", messages=QUESTION, max_tokens=100, temperature=0,
-        response_format={"type": "json_object"},
-    )  # fmt: skip
-    assert isinstance(json.loads(obj.choices[0].message.content), dict)
-    with pytest.raises(openai.BadRequestError, match="response_format"):
-        client.chat.completions.create(model="smol", messages=QUESTION, max_tokens=5,
-                                       response_format={"type": "yaml"})  # fmt: skip
-
-
-def test_anthropic_tool_use_round_trip_with_qwen():
-    """Anthropic tools and tool_use / tool_result blocks through Qwen's template: the call comes
-    back as a tool_use block (streamed as input_json_delta too) and its result is rendered."""
-    import anthropic
-
-    from mlxllm.server.anthropic import messages_request
-
-    model, tok = load(fixture_model(QWEN), dtype=mx.float32)
-    url, _, srv, thread = _serve("qwen", model, tok)
-    tool = {"name": "get_weather", "description": "Get the current weather in a city",
-            "input_schema": WEATHER["function"]["parameters"]}  # fmt: skip
-    ask = [{"role": "user", "content": "What is the weather in Paris right now?"}]
-    greedy = {"extra_body": {"temperature": 0}}
-    try:
-        client = anthropic.Anthropic(base_url=url, api_key=KEY, max_retries=0)
-        got = client.messages.create(model="qwen", max_tokens=64, messages=ask, tools=[tool],
-                                     **greedy)  # fmt: skip
-        assert got.stop_reason == "tool_use"
-        (use,) = [b for b in got.content if b.type == "tool_use"]
-        assert use.name == "get_weather" and use.input == {"city": "Paris"}
-        with client.messages.stream(model="qwen", max_tokens=64, messages=ask, tools=[tool],
-                                    **greedy) as stream:  # fmt: skip
-            final = stream.get_final_message()
-        assert [(b.name, b.input) for b in final.content if b.type == "tool_use"] == [
-            ("get_weather", {"city": "Paris"})
-        ]
-        follow = ask + [
-            {"role": "assistant", "content": [use.model_dump()]},
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
-                                          "content": "18 degrees and raining"}]},
-        ]  # fmt: skip
-        answer = client.messages.create(model="qwen", max_tokens=30, messages=follow,
-                                        tools=[tool], **greedy)  # fmt: skip
-        assert answer.content
-        req, _, _ = messages_request({"max_tokens": 5, "messages": follow, "tools": [tool]},
-                                     tok, 100)  # fmt: skip
-        prompt = tok.decode(req.prompt)
-        assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in prompt
-        assert "<tool_response>\n18 degrees and raining\n</tool_response>" in prompt
     finally:
         srv.should_exit = True
         thread.join(timeout=30)
@@ -422,6 +337,42 @@ def test_a_request_past_its_timeout_is_cancelled(smol):
                 break
             time.sleep(0.05)
         assert not served.engine.busy
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_models_load_on_first_use_and_go_when_idle():
+    """No default model: requests name folders; each loads once, both serve, an unknown name
+    is a 404 that leaves the server serving, and idle models are unloaded after keep_alive."""
+    port = _free_port()
+    models = Models(None, keep_alive=120.0, dtype=mx.float32, memory_budget=1 << 30)
+    srv = uvicorn.Server(uvicorn.Config(make_app(models), host="127.0.0.1", port=port,
+                                        log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    smol, qwen = str(fixture_model(SMOL)), str(fixture_model(QWEN))
+    try:
+        with pytest.raises(openai.BadRequestError, match="no default"):
+            client.chat.completions.create(model="", messages=QUESTION, max_tokens=2)
+        with pytest.raises(openai.NotFoundError, match="not found"):
+            client.chat.completions.create(model="/no/such/model", messages=QUESTION,
+                                           max_tokens=2)  # fmt: skip
+        for name in (smol, qwen, smol):
+            got = client.chat.completions.create(model=name, messages=QUESTION, max_tokens=4,
+                                                 temperature=0)  # fmt: skip
+            assert got.model == name and got.choices[0].message.content
+        loaded = [m.id for m in client.models.list().data if m.model_extra["loaded"]]
+        assert sorted(loaded) == sorted([smol, qwen])
+        models.keep_alive = 0.5  # idle from now on: both go at the next check (<= 5 s)
+        for _ in range(150):
+            if not models.loaded:
+                break
+            time.sleep(0.1)
+        assert not models.loaded
     finally:
         srv.should_exit = True
         thread.join(timeout=30)

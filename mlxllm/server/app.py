@@ -1,4 +1,4 @@
-"""The HTTP layer: Starlette routes over one model's ``Engine``, served by uvicorn.
+"""The HTTP layer: Starlette routes over the served models' engines, served by uvicorn.
 
 Starlette rather than FastAPI: the routes validate their own fields into OpenAI's error format
 (``openai.py``) and stream with plain async generators, so FastAPI's pydantic models and
@@ -14,28 +14,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from mlxllm.engine import Engine, QueueFull
+from mlxllm.engine import QueueFull
 from mlxllm.server import anthropic as an
 from mlxllm.server import openai as oa
 from mlxllm.server import structured
+from mlxllm.server.models import Models, Served
 from mlxllm.server.openai import ApiError
 from mlxllm.server.parse import OutputParser
-
-
-class Served:
-    """One loaded model, its tokenizer and its running engine."""
-
-    def __init__(self, name: str, model, tokenizer, **engine_kw):
-        self.name, self.model, self.tokenizer = name, model, tokenizer
-        self.engine = Engine(model, tokenizer.eos_token_ids, **engine_kw)
-        self.created = int(time.time())
 
 
 def _error(e: ApiError) -> JSONResponse:
@@ -44,14 +35,16 @@ def _error(e: ApiError) -> JSONResponse:
 
 
 def make_app(
-    served: Served,
+    models: Models | Served,
     api_key: str | None = None,
     max_body_bytes: int = 8 << 20,
     max_tokens_cap: int = 32768,
     request_timeout: float = 600.0,
 ) -> Starlette:
-    """The ASGI app. ``api_key``: every route but ``/health`` needs ``Authorization: Bearer
-    KEY`` (or ``x-api-key: KEY``)."""
+    """The ASGI app over ``models`` (or one ``Served`` model). ``api_key``: every route but
+    ``/health`` needs ``Authorization: Bearer KEY`` (or ``x-api-key: KEY``)."""
+    if isinstance(models, Served):
+        models = Models(default=models)
 
     def check_key(request: HttpRequest) -> None:
         if api_key is None:
@@ -79,7 +72,7 @@ def make_app(
             raise ApiError(400, "the body must be a JSON object")
         return body
 
-    def open_request(req, stops):
+    def open_request(served, req, stops):
         try:
             return served.engine.open(req, tokenizer=served.tokenizer, stop=stops)
         except QueueFull as e:
@@ -87,7 +80,7 @@ def make_app(
         except ValueError as e:  # InvalidArgument: e.g. a prompt longer than the context
             raise ApiError(400, str(e)) from None
 
-    def constrain(req, response_format) -> None:
+    def constrain(served, req, response_format) -> None:
         """``response_format`` json_object / json_schema: the grammar's mask on every step."""
         schema = structured.schema_of(response_format)
         if schema is not None:
@@ -133,9 +126,10 @@ def make_app(
     async def chat(request: HttpRequest):
         try:
             body = await body_of(request)
+            served = await models.get(body.get("model"))
             req, stops, info = oa.chat_request(body, served.tokenizer, max_tokens_cap)
-            constrain(req, body.get("response_format"))
-            handle = open_request(req, stops)
+            constrain(served, req, body.get("response_format"))
+            handle = open_request(served, req, stops)
         except ApiError as e:
             return _error(e)
         rid, model = oa.new_id("chatcmpl"), served.name
@@ -144,7 +138,7 @@ def make_app(
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(
-                _chat_stream(handle, parser, rid, model, want_lp, include_usage),
+                _chat_stream(served, handle, parser, rid, model, want_lp, include_usage),
                 media_type="text/event-stream",
             )
         try:
@@ -171,7 +165,7 @@ def make_app(
         out["choices"][0]["message"] = message
         return JSONResponse(out)
 
-    async def _chat_stream(handle, parser, rid, model, want_lp, include_usage):
+    async def _chat_stream(served, handle, parser, rid, model, want_lp, include_usage):
         yield sse(oa.chat_chunk(rid, model, {"role": "assistant", "content": ""}))
         count, last, calls = 0, None, 0
         async for ev in _guard(timed(handle), oa_error):
@@ -206,9 +200,10 @@ def make_app(
     async def completions(request: HttpRequest):
         try:
             body = await body_of(request)
+            served = await models.get(body.get("model"))
             req, stops = oa.completion_request(body, served.tokenizer, max_tokens_cap)
-            constrain(req, body.get("response_format"))
-            handle = open_request(req, stops)
+            constrain(served, req, body.get("response_format"))
+            handle = open_request(served, req, stops)
         except ApiError as e:
             return _error(e)
         rid, model = oa.new_id("cmpl"), served.name
@@ -261,8 +256,9 @@ def make_app(
 
         try:
             body = await body_of(request)
+            served = await models.get(body.get("model"))
             req, stops, info = an.messages_request(body, served.tokenizer, max_tokens_cap)
-            handle = open_request(req, stops)
+            handle = open_request(served, req, stops)
         except ApiError as e:
             return fail(e)
         rid, model = an.message_id(), served.name
@@ -329,33 +325,42 @@ def make_app(
                 yield an.event("message_delta", delta=delta, usage={"output_tokens": count})
                 yield an.event("message_stop")
 
-    async def models(request: HttpRequest):
+    async def list_models(request: HttpRequest):
         try:
             check_key(request)
         except ApiError as e:
             return _error(e)
-        data = [{"id": served.name, "object": "model", "created": served.created,
-                 "owned_by": "mlxllm"}]  # fmt: skip
+        data = [{"id": m.name, "object": "model", "created": m.created, "owned_by": "mlxllm",
+                 "loaded": True} for m in models.loaded.values()]  # fmt: skip
+        data += [{"id": r, "object": "model", "created": 0, "owned_by": "local", "loaded": False}
+                 for r in models.local() if r not in models.loaded]  # fmt: skip
         return JSONResponse({"object": "list", "data": data})
 
     async def health(request: HttpRequest):
-        return JSONResponse({"status": "ok", "model": served.name})
+        return JSONResponse({"status": "ok", "loaded": list(models.loaded)})
 
     routes = [
         Route("/health", health),
-        Route("/v1/models", models),
+        Route("/v1/models", list_models),
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/messages", messages, methods=["POST"]),
     ]
 
+    async def expire():
+        while True:  # models idle past keep_alive go
+            await asyncio.sleep(min(5.0, max(models.keep_alive / 4, 0.05)))
+            models.expire()
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        served.engine.start()
+        models.start()
+        task = asyncio.create_task(expire())
         try:
             yield
         finally:
-            served.engine.stop()  # Ctrl-C: running requests end, the thread exits
+            task.cancel()
+            models.stop()  # Ctrl-C: running requests end, the engine threads exit
 
     return Starlette(routes=routes, lifespan=lifespan)
 
