@@ -376,3 +376,33 @@ def test_models_load_on_first_use_and_go_when_idle():
     finally:
         srv.should_exit = True
         thread.join(timeout=30)
+
+
+def test_mlxllm_serve_answers_and_ctrl_c_shuts_down_cleanly():
+    """The real command: `mlxllm serve MODEL` answers on 127.0.0.1, and SIGINT (Ctrl-C) ends it
+    with status 0 and no traceback."""
+    import signal
+    import subprocess
+    import sys
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "mlxllm.cli.main", "serve", str(fixture_model(SMOL)),
+           "--port", str(port), "--dtype", "float32"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
+                               max_retries=0)  # fmt: skip
+        got = client.chat.completions.create(model=cmd[4], messages=QUESTION, max_tokens=4)
+        assert got.choices[0].message.content
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert "Traceback" not in err
