@@ -1,4 +1,5 @@
-"""What the side-by-side benchmarks share: paths, the worker environment, running a worker.
+"""What the side-by-side benchmarks share: paths, the worker environment, running a worker, and
+the report's medians, ratios and table rows.
 
 Each benchmark runs every runtime in its own subprocess (``python BENCH.py --worker ...``) that
 prints one ``RESULT {json}`` line; ``run_worker`` runs one and parses that line.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -56,3 +58,38 @@ def run_worker(script: str, args: list[str], env: dict, timeout: float) -> dict:
 def ratio(a, b):
     """``a / b``, or None when either is missing (or ``b`` is 0)."""
     return a / b if a is not None and b else None
+
+
+def median(xs):
+    """The median of the values that are not None (None when there are none)."""
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def compare(a: list, b: list) -> dict:
+    """Per-repeat values of mlxllm (``a``) and mlx-lm (``b``): medians, ratio, spread."""
+    rs = [r for r in (ratio(x, y) for x, y in zip(a, b, strict=True)) if r is not None]
+    return {
+        "mlxllm": median(a),
+        "mlx-lm": median(b),
+        "ratio": median(rs),
+        "spread": (min(rs), max(rs)) if rs else None,
+        "per_repeat": {"mlxllm": a, "mlx-lm": b},
+    }
+
+
+def fmt(x, spec: str) -> str:
+    """``x`` in format ``spec`` ("d": rounded to an integer), "-" for None."""
+    if x is None:
+        return "-"
+    return format(round(x) if spec == "d" else x, spec)
+
+
+def table_row(label, c, spec) -> str:
+    """One markdown row of a ``compare`` result: label, both medians, ratio, spread."""
+    sp = c["spread"]
+    spread = f"{sp[0]:.2f}-{sp[1]:.2f}" if sp else "-"
+    return (
+        f"| {label} | {fmt(c['mlxllm'], spec)} | {fmt(c['mlx-lm'], spec)} | "
+        f"{fmt(c['ratio'], '.2f')} | {spread} |"
+    )

@@ -59,7 +59,11 @@ import sys
 import time
 from pathlib import Path
 
-from _common import DEFAULT_MODEL, REPO, bench_env, ratio, run_worker
+from _common import DEFAULT_MODEL, REPO, bench_env, run_worker
+from _common import compare as _compare
+from _common import fmt as _fmt
+from _common import median as _median
+from _common import table_row as _row
 
 RESULTS = REPO / "benchmarks" / "results" / "engine.json"
 SCENARIOS = ("concurrency", "context", "agent")
@@ -450,23 +454,6 @@ AGENT_METRICS = (
 AGENT_PAIRS = (("prefix cache", "LRUPromptCache"), ("no prefix cache", "no reuse"))
 
 
-def _median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
-def _compare(a: list, b: list) -> dict:
-    """Per-repeat values of mlxllm (``a``) and mlx-lm (``b``): medians, ratio, spread."""
-    rs = [r for r in (ratio(x, y) for x, y in zip(a, b, strict=True)) if r is not None]
-    return {
-        "mlxllm": _median(a),
-        "mlx-lm": _median(b),
-        "ratio": _median(rs),
-        "spread": (min(rs), max(rs)) if rs else None,
-        "per_repeat": {"mlxllm": a, "mlx-lm": b},
-    }
-
-
 def _same_tokens(a: list[list[int]], b: list[list[int]]) -> tuple[int, int, float]:
     """(streams with identical tokens, streams, mean length of the common first tokens)."""
     same, prefix = 0, []
@@ -475,21 +462,6 @@ def _same_tokens(a: list[list[int]], b: list[list[int]]) -> tuple[int, int, floa
         n = next((i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q), len(x))
         prefix.append(n)
     return same, len(a), statistics.fmean(prefix) if prefix else 0.0
-
-
-def _fmt(x, spec: str) -> str:
-    if x is None:
-        return "-"
-    return format(round(x) if spec == "d" else x, spec)
-
-
-def _row(label, c, spec) -> str:
-    sp = c["spread"]
-    spread = f"{sp[0]:.2f}-{sp[1]:.2f}" if sp else "-"
-    return (
-        f"| {label} | {_fmt(c['mlxllm'], spec)} | {_fmt(c['mlx-lm'], spec)} | "
-        f"{_fmt(c['ratio'], '.2f')} | {spread} |"
-    )
 
 
 def summarize_batch(runs: dict) -> tuple[list, list[str]]:
