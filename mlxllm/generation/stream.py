@@ -60,12 +60,13 @@ def split_at_stop(text: str, stops: list[str], final: bool = False) -> tuple[str
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     if hits:
         return text[: min(hits)], "", True
-    keep = 0 if final else _stop_hold(text, stops)
+    keep = 0 if final else stop_hold(text, stops)
     return text[: len(text) - keep], text[len(text) - keep :], False
 
 
-def _stop_hold(text: str, stops: list[str]) -> int:
-    """Length of the tail of ``text`` that could still grow into a stop string."""
+def stop_hold(text: str, stops) -> int:
+    """Length of the tail of ``text`` that could still grow into one of ``stops`` (the
+    longest suffix that is a proper prefix of one): text to hold back while streaming."""
     hold = 0
     for s in stops:
         for n in range(min(len(s) - 1, len(text)), 0, -1):

@@ -18,19 +18,10 @@ from __future__ import annotations
 
 import json
 
+from mlxllm.generation.stream import stop_hold
+
 THINK, END_THINK = "<think>", "</think>"
 TOOL, END_TOOL = "<tool_call>", "</tool_call>"
-
-
-def _held(text: str, markers: tuple[str, ...]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of a marker."""
-    best = 0
-    for m in markers:
-        for n in range(min(len(m) - 1, len(text)), 0, -1):
-            if text.endswith(m[:n]):
-                best = max(best, n)
-                break
-    return best
 
 
 class OutputParser:
@@ -73,7 +64,7 @@ class OutputParser:
             before, self.buf = self.buf[:at], self.buf[at + len(marker) :]
             self._close(before, marker, out)
         if self.state != "tool":  # tool bodies wait for their end marker (or the end)
-            keep = _held(self.buf, self._markers())
+            keep = stop_hold(self.buf, self._markers())
             ready, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep :]
             if ready:
                 out.append(("reasoning" if self.state == "think" else "content", ready))
