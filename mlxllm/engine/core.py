@@ -135,19 +135,23 @@ class _Prefill:
 
     Row ``b`` holds ``prompt[:-1]`` at cache positions ``[left[b], left[b] + len(prompt) - 1)``
     (its last prompt token is its first input in the running batch), so all rows finish at
-    the same position. Requests that start from the prefix store come alone (their cached
-    prefix is row 0 from position 0); fresh ones of similar length share a group, padded on the
-    left (the pads are masked; they cost compute, not correctness).
+    the same position. Each row computes the same number ``R`` of last positions: a row with
+    fewer new tokens recomputes the end of its cached prefix, or, without enough of one, is
+    padded on the left (pads are masked: they cost compute, not correctness). Rows join while
+    the group has not run, if ``R`` stays within twice every row's own new tokens.
     """
 
-    def __init__(self, seq: _Seq, caches: list):
+    def __init__(self, seq: _Seq, states: list):
         self.seqs = [seq]
-        self.caches = caches  # per-layer batch caches
-        self.fresh = seq.cached == 0
+        self.states = [states]  # per row: the prefix store's per-layer states ([] if none)
+        self.caches = None  # per-layer batch caches, made by the first chunk (``build``)
+
+    def _remaining(self, seqs) -> list[int]:
+        return [len(s.req.prompt) - 1 - s.cached for s in seqs]
 
     @property
     def offset(self) -> int:
-        return self.caches[0].offset
+        return self.caches[0].offset if self.caches is not None else 0
 
     @property
     def end(self) -> int:
@@ -159,18 +163,37 @@ class _Prefill:
         return self.end - self.offset
 
     def admits(self, seq: _Seq, limit: int) -> bool:
-        """A fresh request joins a fresh group that has not started, of up to ``limit`` rows,
-        when the lengths stay within 2x of each other (the pads at most half the work)."""
-        if not self.fresh or self.offset > 0 or len(self.seqs) >= limit:
+        if self.caches is not None or len(self.seqs) >= limit:
             return False
-        lengths = [len(s.req.prompt) for s in self.seqs] + [len(seq.req.prompt)]
-        return max(lengths) <= 2 * min(lengths)
+        r = self._remaining(self.seqs + [seq])
+        return max(r) <= 2 * min(r)
 
-    def add(self, seq: _Seq) -> None:
+    def add(self, seq: _Seq, states: list) -> None:
         self.seqs.append(seq)
-        ends = [len(s.req.prompt) - 1 for s in self.seqs]
-        for c in self.caches:  # nothing stored yet: only the padding changes
-            c.left = [max(ends) - e for e in ends]
+        self.states.append(states)
+
+    def build(self, model, stats: EngineStats) -> None:
+        """The batch caches: every row's reused prefix, right-aligned (see class doc)."""
+        R = max(self._remaining(self.seqs))
+        rows, reuse = [], []
+        for seq, states in zip(self.seqs, self.states, strict=True):
+            keep = max(0, len(seq.req.prompt) - 1 - R)  # cached positions this row keeps
+            keep = min(keep, seq.cached)
+            stats.cached_tokens -= seq.cached - keep  # recomputed: not reused after all
+            seq.cached = keep
+            caches = model.make_cache()
+            if keep:
+                for c, state in zip(caches, states, strict=True):
+                    c.load([a[:, :, :keep] for a in state])
+            rows.append(caches)
+            reuse.append(keep)
+        self.caches = batch_caches(rows)
+        S = self.caches[0].offset
+        left = [S - k if k else S + R - (len(s.req.prompt) - 1)
+                for k, s in zip(reuse, self.seqs, strict=True)]  # fmt: skip
+        for c in self.caches:
+            c.left = list(left)
+        self.states = None
 
     def window(self, n: int) -> list[list[int]]:
         """The ids at positions ``[offset, offset + n)`` of every row (0 in its padding)."""
@@ -188,6 +211,9 @@ class _Prefill:
     def remove(self, seq: _Seq) -> None:
         b = self.seqs.index(seq)
         self.seqs.pop(b)
+        if self.caches is None:
+            self.states.pop(b)
+            return
         for c in self.caches:
             c.filter([i for i in range(len(self.seqs) + 1) if i != b])
 
@@ -384,7 +410,7 @@ class Engine:
             events.append(self._event(s, None, cancels[s.id]))
         if rows or gone:
             # evaluate the smaller buffers now so the cancelled rows' memory is freed at once
-            caches = (self._caches or []) + [c for g in self._prefilling for c in g.caches]
+            caches = (self._caches or []) + [c for g in self._prefilling for c in g.caches or []]
             mx.eval([c.state for c in caches])
 
     def _prefill_seqs(self) -> list[_Seq]:
@@ -444,14 +470,10 @@ class Engine:
         self.stats.prompt_tokens += len(prompt)
         self.stats.cached_tokens += n
         last = self._prefilling[-1] if self._prefilling else None
-        if n == 0 and last is not None and last.admits(seq, self.prefill_batch):
-            last.add(seq)
-            return
-        caches = self.model.make_cache()
-        for c, state in zip(caches, states or [None] * len(caches), strict=True):
-            if state is not None:
-                c.load(state)
-        self._prefilling.append(_Prefill(seq, batch_caches([caches])))
+        if last is not None and last.admits(seq, self.prefill_batch):
+            last.add(seq, states)
+        else:
+            self._prefilling.append(_Prefill(seq, states))
 
     def _prefill_step(self) -> None:
         """Prefill up to ``prefill_chunk`` prompt tokens (pads included), in order of arrival;
@@ -462,6 +484,8 @@ class Engine:
             if not idle and spent >= self.prefill_chunk:
                 return  # the running streams get their next token first
             group = self._prefilling[0]
+            if group.caches is None:
+                group.build(self.model, self.stats)
             if group.todo > 0:
                 # idle: up to prefill_chunk positions of every row (nobody waits; the memory
                 # bound is the model's max_queries), else prefill_chunk tokens in all
