@@ -189,20 +189,28 @@ def test_models_health_auth_and_bad_requests(client, server):
     assert not served.engine.busy and not served.engine.rows
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_slot(client, server):
-    _, served = server
-    # 2000 tokens take the CPU half a minute: only a cancel ends it within the 5 s below
-    stream = client.chat.completions.create(model="smol", messages=QUESTION, max_tokens=2000,
-                                            temperature=0.8, stream=True)  # fmt: skip
-    for i, _ in enumerate(stream):
-        if i == 3:
-            break
-    stream.close()
-    for _ in range(100):
-        if not served.engine.rows and not served.engine.busy:
-            break
-        time.sleep(0.05)
-    assert not served.engine.rows
+def test_a_client_that_leaves_mid_stream_frees_its_slot(smol):
+    """A server whose engine ignores eos (so nothing ends a request early): after the client
+    hangs up, only the cancel can end its 2000-token request within the 5 s below."""
+    url, served, srv, thread = _serve("smol", *smol)
+    served.engine.eos = set()
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+        stream = client.chat.completions.create(model="smol", messages=QUESTION,
+                                                max_tokens=2000, stream=True)  # fmt: skip
+        for i, _ in enumerate(stream):
+            if i == 3:
+                break
+        stream.close()
+        for _ in range(100):
+            if not served.engine.rows and not served.engine.busy:
+                break
+            time.sleep(0.05)
+        assert not served.engine.rows
+        assert served.engine.stats.generated_tokens < 500
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
 
 
 def test_anthropic_messages_streaming_and_not(server, smol):
@@ -312,6 +320,8 @@ def test_a_full_queue_answers_429_with_retry_after(smol):
 
 
 def test_a_request_past_its_timeout_is_cancelled(smol):
+    """With the engine held, requests wait past the 1 s timeout: 504 (or a stream's error
+    event), and once the engine runs again they are gone, not run."""
     model, tok = smol
     port = _free_port()
     served = Served("smol", model, tok, memory_budget=1 << 30)
@@ -321,22 +331,24 @@ def test_a_request_past_its_timeout_is_cancelled(smol):
     thread.start()
     while not srv.started:
         time.sleep(0.05)
+    served.engine.stop()
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
     try:
         t = time.perf_counter()
-        with pytest.raises(openai.APIStatusError) as err:  # 2000 tokens take ~30 s here
-            client.chat.completions.create(model="smol", messages=QUESTION, max_tokens=2000)
+        with pytest.raises(openai.APIStatusError) as err:
+            client.chat.completions.create(model="smol", messages=QUESTION, max_tokens=20)
         assert err.value.status_code == 504 and "request timeout of 1 s" in err.value.message
         assert time.perf_counter() - t < 10
         stream = client.chat.completions.create(model="smol", messages=QUESTION,
-                                                max_tokens=2000, stream=True)  # fmt: skip
+                                                max_tokens=20, stream=True)  # fmt: skip
         with pytest.raises(openai.APIError, match="request timeout of 1 s"):
-            list(stream)  # the stream ends with the error event instead of running on
+            list(stream)  # the stream ends with the error event instead of waiting on
+        served.engine.start()
         for _ in range(100):
             if not served.engine.busy:
                 break
             time.sleep(0.05)
-        assert not served.engine.busy
+        assert not served.engine.busy and served.engine.stats.generated_tokens == 0
     finally:
         srv.should_exit = True
         thread.join(timeout=30)
