@@ -38,19 +38,23 @@ def smol():
     return load(fixture_model(SMOL), dtype=mx.float32)
 
 
-def _serve(name, model, tok, **kw):
+def _start(app):
+    """``app`` served by uvicorn on a free port of 127.0.0.1 in a thread, once it listens."""
     port = _free_port()
-    served = Served(name, model, tok, memory_budget=1 << 30, max_queued=32)
-    config = uvicorn.Config(make_app(served, api_key=KEY, max_body_bytes=1 << 16),
-                            host="127.0.0.1", port=port, log_level="warning")  # fmt: skip
-    srv = uvicorn.Server(config)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     for _ in range(200):
         if srv.started:
             break
         time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", served, srv, thread
+    return f"http://127.0.0.1:{port}", srv, thread
+
+
+def _serve(name, model, tok, **kw):
+    served = Served(name, model, tok, memory_budget=1 << 30, max_queued=32)
+    url, srv, thread = _start(make_app(served, api_key=KEY, max_body_bytes=1 << 16))
+    return url, served, srv, thread
 
 
 @pytest.fixture(scope="module")
@@ -292,16 +296,10 @@ def test_a_full_queue_answers_429_with_retry_after(smol):
     """With the engine held (its thread stopped), one request waits in the queue of one; the
     next gets 429 with Retry-After; once the engine runs again the waiting one is answered."""
     model, tok = smol
-    port = _free_port()
     served = Served("smol", model, tok, memory_budget=1 << 30, max_queued=1)
-    srv = uvicorn.Server(uvicorn.Config(make_app(served), host="127.0.0.1", port=port,
-                                        log_level="warning"))  # fmt: skip
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
+    url, srv, thread = _start(make_app(served))
     served.engine.stop()
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
     try:
         waiting = ThreadPoolExecutor(1).submit(
             client.chat.completions.create, model="smol", messages=QUESTION, max_tokens=2
@@ -323,16 +321,10 @@ def test_a_request_past_its_timeout_is_cancelled(smol):
     """With the engine held, requests wait past the 1 s timeout: 504 (or a stream's error
     event), and once the engine runs again they are gone, not run."""
     model, tok = smol
-    port = _free_port()
     served = Served("smol", model, tok, memory_budget=1 << 30)
-    srv = uvicorn.Server(uvicorn.Config(make_app(served, request_timeout=1.0), host="127.0.0.1",
-                                        port=port, log_level="warning"))  # fmt: skip
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
+    url, srv, thread = _start(make_app(served, request_timeout=1.0))
     served.engine.stop()
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
     try:
         t = time.perf_counter()
         with pytest.raises(openai.APIStatusError) as err:
@@ -357,15 +349,9 @@ def test_a_request_past_its_timeout_is_cancelled(smol):
 def test_models_load_on_first_use_and_go_when_idle():
     """No default model: requests name folders; each loads once, both serve, an unknown name
     is a 404 that leaves the server serving, and idle models are unloaded after keep_alive."""
-    port = _free_port()
     models = Models(None, keep_alive=120.0, dtype=mx.float32, memory_budget=1 << 30)
-    srv = uvicorn.Server(uvicorn.Config(make_app(models), host="127.0.0.1", port=port,
-                                        log_level="warning"))  # fmt: skip
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    url, srv, thread = _start(make_app(models))
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
     smol, qwen = str(fixture_model(SMOL)), str(fixture_model(QWEN))
     try:
         with pytest.raises(openai.BadRequestError, match="no default"):
