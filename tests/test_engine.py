@@ -195,6 +195,40 @@ def test_prefix_reuse_gives_the_same_tokens(models, family):
     assert alone[-1].cached_tokens == 20
 
 
+@pytest.mark.parametrize("family", ["dense", "deepseek-v3"])
+def test_requests_sharing_a_new_prefix_compute_it_once(models, family):
+    """Four requests that arrive together under one long new prefix (an agent's sub-tasks under
+    its system prompt): the first prefills it, the others wait for it to be stored and prefill
+    only their own tail; tokens equal each request alone. A request sharing only a few tokens
+    does not wait. A waiting request can be cancelled."""
+    model = models[family]
+    engine = Engine(model, memory_budget=BUDGET, prefill_chunk=64)
+    system = _prompt(5, 100)
+    tails = [_prompt(10 + i, 12) for i in range(4)]
+    other = system[:20] + _prompt(9, 40)  # shares 20 tokens only: prefilled at once
+    reqs = [Request(system + t, max_tokens=6) for t in tails] + [Request(other, max_tokens=6)]
+    got = _run(engine, reqs)
+    for r, evs in zip(reqs, got, strict=True):
+        assert tokens_of(evs) == _alone(model, r.prompt, 6)
+    assert [evs[-1].cached_tokens for evs in got] == [0, 100, 100, 100, 0]
+    assert engine.stats.prefill_tokens == 111 + 3 * 11 + 59
+    # a waiting follower that is cancelled ends at once; its leader is unaffected (a decoding
+    # request keeps the prefill to one chunk per step)
+    busy = engine.submit(Request(_prompt(7, 5), max_tokens=20))
+    engine.step()
+    lead = engine.submit(Request(_prompt(6, 100) + [1], max_tokens=3))
+    follow = engine.submit(Request(_prompt(6, 100) + [2], max_tokens=3))
+    engine.step()
+    assert [s.id for s in engine._prefilling[0].followers] == [follow]
+    engine.cancel(follow)
+    reasons = {}
+    while engine.busy:
+        for ev in engine.step():
+            if ev.finish_reason:
+                reasons[ev.request_id] = ev.finish_reason
+    assert reasons == {follow: "cancelled", lead: "length", busy: "length"}
+
+
 def test_eviction_under_a_small_budget_keeps_results(models):
     model = models["dense"]
     per_token = 2 * 2 * 2 * 16 * 4  # layers x (K, V) x kv heads x head_dim x float32

@@ -245,6 +245,92 @@ def test_anthropic_messages_streaming_and_not(server, smol):
         client.messages.create(model="smol", max_tokens=0, messages=QUESTION)
 
 
+PERSON = {"type": "object", "additionalProperties": False,
+          "required": ["name", "age", "colour", "tags"],
+          "properties": {"name": {"type": "string", "maxLength": 24},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                         "colour": {"enum": ["red", "green", "blue"]},
+                         "tags": {"type": "array", "items": {"type": "string", "maxLength": 12},
+                                  "maxItems": 3}}}  # fmt: skip
+PEOPLE = ["a pirate", "a baker", "a queen", "a robot", "a child", "a farmer", "a poet", "a spy",
+          "a nurse", "a wizard", "a pilot", "a judge", "a miner", "a monk", "a chef", "a diver",
+          "a tailor", "a knight", "a clown", "a sailor"]  # fmt: skip
+
+
+def test_json_schema_answers_always_parse_and_validate(client):
+    """20 prompts at once (batched) with ``response_format`` json_schema: every answer parses
+    and validates; ``json_object`` gives an object; without the constraint the same model does
+    not answer in JSON (what makes the check able to fail)."""
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+
+    def ask(who, response_format=fmt):
+        q = [{"role": "user", "content": f"Describe {who} as JSON with name, age, colour, tags."}]
+        kw = {"response_format": response_format} if response_format else {}
+        got = client.chat.completions.create(model="smol", messages=q, max_tokens=100,
+                                             temperature=0.7, seed=len(who), **kw)  # fmt: skip
+        return got.choices[0]
+
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(ask, PEOPLE))
+    for choice in answers:
+        jsonschema.validate(json.loads(choice.message.content), PERSON)
+        assert choice.finish_reason == "stop"
+    assert isinstance(json.loads(ask("a cat", {"type": "json_object"}).message.content), dict)
+    free = [ask(who, None).message.content for who in PEOPLE[:4]]
+    assert not all(_is_json(t) for t in free), free
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+def test_anthropic_structured_output_through_tools(server):
+    """Anthropic's way: a forced tool (``tool_choice`` any / one tool) comes back as a
+    ``tool_use`` block whose input follows the tool's ``input_schema``, streamed or not; and
+    ``output_config.format`` json_schema constrains the text answer."""
+    import anthropic
+    import jsonschema
+
+    url, _ = server
+    client = anthropic.Anthropic(base_url=url, api_key=KEY, max_retries=0)
+    tools = [{"name": "record_person", "description": "Store a person", "input_schema": PERSON},
+             {"name": "get_weather", "description": "Weather in a city",
+              "input_schema": WEATHER["function"]["parameters"]}]  # fmt: skip
+    ask = [{"role": "user", "content": "Tell me about a pirate."}]
+    for choice in ({"type": "tool", "name": "record_person"}, {"type": "any"}):
+        got = client.messages.create(model="smol", max_tokens=120, messages=ask, tools=tools,
+                                     tool_choice=choice)  # fmt: skip
+        (block,) = got.content
+        assert got.stop_reason == "tool_use" and block.type == "tool_use"
+        schema = {t["name"]: t["input_schema"] for t in tools}[block.name]
+        jsonschema.validate(block.input, schema)
+        if choice["type"] == "tool":
+            assert block.name == "record_person"
+    with client.messages.stream(
+        model="smol",
+        max_tokens=120,
+        messages=ask,
+        tools=tools,
+        tool_choice={"type": "tool", "name": "get_weather"},
+    ) as stream:
+        final = stream.get_final_message()
+    assert final.content[-1].type == "tool_use" and final.content[-1].name == "get_weather"
+    jsonschema.validate(final.content[-1].input, WEATHER["function"]["parameters"])
+    fmt = {"format": {"type": "json_schema", "schema": PERSON}}
+    got = client.messages.create(model="smol", max_tokens=120, messages=ask,
+                                 extra_body={"output_config": fmt})  # fmt: skip
+    jsonschema.validate(json.loads(got.content[0].text), PERSON)
+    with pytest.raises(anthropic.BadRequestError, match="tool_choice"):
+        client.messages.create(model="smol", max_tokens=8, messages=ask, tools=tools,
+                               tool_choice={"type": "tool", "name": "nope"})  # fmt: skip
+
+
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}},

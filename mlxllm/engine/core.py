@@ -27,13 +27,16 @@ import secrets
 import threading
 
 import mlx.core as mx
+import numpy as np
 
 from mlxllm.cache.batch import batch_caches
-from mlxllm.engine.prefix import PrefixStore
+from mlxllm.engine.prefix import PrefixStore, common_prefix
 from mlxllm.errors import InvalidArgument, MlxllmError
 from mlxllm.generation.sample import check_sampling, make_sampler
 from mlxllm.generation.sample import repetition_penalty as make_rep_penalty
 from mlxllm.models.base import context_length
+
+FOLLOW_MIN = 64  # shared uncached prompt tokens that make a request wait for another's prefill
 
 
 class QueueFull(MlxllmError):
@@ -145,6 +148,9 @@ class _Prefill:
         self.seqs = [seq]
         self.states = [states]  # per row: the prefix store's per-layer states ([] if none)
         self.caches = None  # per-layer batch caches, made by the first chunk (``build``)
+        # requests that share a long uncached prefix with a row here: they wait until this
+        # group's prompts are in the prefix store and start from there
+        self.followers: list[_Seq] = []
 
     def _remaining(self, seqs) -> list[int]:
         return [len(s.req.prompt) - 1 - s.cached for s in seqs]
@@ -398,11 +404,15 @@ class Engine:
             return
         gone = []
         for group in list(self._prefilling):
+            for s in [s for s in group.followers if s.id in cancels]:
+                group.followers.remove(s)
+                gone.append(s)
             for s in [s for s in group.seqs if s.id in cancels]:
                 group.remove(s)
                 gone.append(s)
             if not group.seqs:
                 self._prefilling.remove(group)
+                self._release(group)
         rows = [s for s in self.rows if s.id in cancels]
         self._retire(rows, store=False)
         for s in waiting + gone + rows:
@@ -462,10 +472,14 @@ class Engine:
 
     def _start_prefill(self, seq: _Seq) -> None:
         prompt = seq.req.prompt
-        seq.key = mx.random.key(seq.seed)
         # the last prompt token is the row's first input in the batch: never take it from the
         # store, so that every request runs at least one token
         n, states = self.store.lookup(prompt, limit=len(prompt) - 1)
+        leader = self._leader(seq, n)
+        if leader is not None:
+            leader.followers.append(seq)
+            return
+        seq.key = mx.random.key(seq.seed)
         seq.cached = n
         self.stats.prompt_tokens += len(prompt)
         self.stats.cached_tokens += n
@@ -474,6 +488,23 @@ class Engine:
             last.add(seq, states)
         else:
             self._prefilling.append(_Prefill(seq, states))
+
+    def _leader(self, seq: _Seq, cached: int) -> _Prefill | None:
+        """The prefilling group worth waiting for: one whose row shares at least
+        ``FOLLOW_MIN`` more prompt tokens with ``seq`` than the store holds, and at least half
+        of what ``seq`` would compute. Requests with one long new prefix (an agent's sub-tasks
+        under one system prompt, arriving together) then compute it once, not once each."""
+        if not self.store.max_bytes:
+            return None
+        ids = np.asarray(seq.req.prompt[:-1])
+        todo = len(ids) - cached
+        best, gain = None, 0
+        for group in self._prefilling:
+            for other in group.seqs:
+                shared = common_prefix(ids, np.asarray(other.req.prompt[:-1])) - cached
+                if shared > gain:
+                    best, gain = group, shared
+        return best if gain >= FOLLOW_MIN and 2 * gain >= todo else None
 
     def _prefill_step(self) -> None:
         """Prefill up to ``prefill_chunk`` prompt tokens (pads included), in order of arrival;
@@ -512,12 +543,19 @@ class Engine:
         self.stats.prefill_tokens += group.real_tokens(n)
         return G * n
 
+    def _release(self, group: _Prefill) -> None:
+        """The group's followers go back to the front of the queue, in their order."""
+        with self._lock:
+            self._waiting.extendleft(reversed(group.followers))
+        group.followers = []
+
     def _join(self, group: _Prefill) -> None:
         for b, seq in enumerate(group.seqs):
             prompt = seq.req.prompt
             if len(prompt) - 1 > seq.cached:
                 self.store.insert(prompt[:-1], [c.row_state(b) for c in group.caches])
         self._fit_store()
+        self._release(group)
         first = mx.array([s.req.prompt[-1] for s in group.seqs], dtype=mx.int32)
         if self._caches is None:
             self._caches, self._inputs = group.caches, first
@@ -673,7 +711,7 @@ class Engine:
             mx.clear_streams()
 
     def _fail_all(self, message: str) -> None:
-        seqs = self.rows + self._prefill_seqs()
+        seqs = self.rows + self._prefill_seqs() + [s for g in self._prefilling for s in g.followers]
         self.rows, self._caches, self._inputs, self._unread = [], None, None, None
         self._prefilling.clear()
         for s in seqs:

@@ -41,7 +41,8 @@ def _slice(states: list[list[mx.array]], start: int, end: int) -> list[list[mx.a
     return [[mx.contiguous(a[:, :, start:end]) for a in layer] for layer in states]
 
 
-def _common(a: np.ndarray, b: np.ndarray) -> int:
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading ids ``a`` and ``b`` share."""
     n = min(len(a), len(b))
     diff = np.flatnonzero(a[:n] != b[:n])
     return int(diff[0]) if len(diff) else n
@@ -79,7 +80,7 @@ class PrefixStore:
             child = node.children.get(int(key[pos]))
             if child is None:
                 break
-            k = _common(child.edge, key[pos:])
+            k = common_prefix(child.edge, key[pos:])
             pieces.append([[a[:, :, :k] for a in layer] for layer in child.states])
             pos, last = pos + k, child
             if k < len(child.edge):
@@ -110,7 +111,7 @@ class PrefixStore:
                 self._materialize(leaf)
                 node = leaf
                 break
-            k = _common(child.edge, key[pos:])
+            k = common_prefix(child.edge, key[pos:])
             if k < len(child.edge):
                 self._split(child, k)
                 child = node.children[int(key[pos])]

@@ -106,7 +106,7 @@ def messages_request(body: dict, tokenizer, max_cap: int) -> tuple[Request, list
     stops = body.get("stop_sequences") or []
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise ApiError(400, "'stop_sequences' must be a list of strings", "stop_sequences")
-    tools = _tools(body.get("tools"))
+    tools, force = _tool_choice(body.get("tool_choice"), _tools(body.get("tools")))
     kwargs = {}
     thinking = body.get("thinking")
     if isinstance(thinking, dict) and thinking.get("type") in ("enabled", "disabled"):
@@ -125,8 +125,40 @@ def messages_request(body: dict, tokenizer, max_cap: int) -> tuple[Request, list
         top_p=_number(body, "top_p", 1.0, float, 0.0, 1.0) or 1.0,
         top_k=_number(body, "top_k", 0, int, 0),
     )
-    info = {"thinking": text.rstrip().endswith("<think>"), "tools": bool(tools)}
+    info = {"thinking": text.rstrip().endswith("<think>"), "tools": tools, "force": force,
+            "format": _output_format(body)}  # fmt: skip
     return req, stops, info
+
+
+def _tool_choice(choice, tools):
+    """``tool_choice`` -> (the tools to render, the names one of which must be called or None):
+    ``auto`` (default), ``none`` (tools not shown), ``any``, or ``{"type": "tool", "name"}``."""
+    kind = choice.get("type") if isinstance(choice, dict) else choice
+    if kind in (None, "auto"):
+        return tools, None
+    if kind == "none":
+        return None, None
+    if not tools:
+        raise ApiError(400, "'tool_choice' needs 'tools'", "tool_choice")
+    if kind == "any":
+        return tools, [t["function"]["name"] for t in tools]
+    if kind == "tool" and isinstance(choice.get("name"), str):
+        return tools, [choice["name"]]
+    raise ApiError(400, "'tool_choice' must be {\"type\": \"auto\" | \"none\" | \"any\"} or "
+                   '{"type": "tool", "name": ...}', "tool_choice")  # fmt: skip
+
+
+def _output_format(body: dict) -> dict | None:
+    """Structured output: ``output_config.format`` or the older ``output_format``,
+    ``{"type": "json_schema", "schema": {...}}`` -> the schema (None: free text)."""
+    fmt = (body.get("output_config") or {}).get("format") or body.get("output_format")
+    if fmt is None:
+        return None
+    if not (isinstance(fmt, dict) and fmt.get("type") == "json_schema"
+            and isinstance(fmt.get("schema"), dict)):  # fmt: skip
+        raise ApiError(400, 'the output format must be {"type": "json_schema", "schema": {...}}',
+                       "output_config")  # fmt: skip
+    return fmt["schema"]
 
 
 def content_blocks(parts) -> list[dict]:

@@ -80,13 +80,24 @@ def make_app(
         except ValueError as e:  # InvalidArgument: e.g. a prompt longer than the context
             raise ApiError(400, str(e)) from None
 
-    def constrain(served, req, response_format) -> None:
-        """``response_format`` json_object / json_schema: the grammar's mask on every step."""
-        schema = structured.schema_of(response_format)
-        if schema is not None:
-            vocab = served.model.config.vocab_size
-            mask = structured.JsonConstraint(schema, served.tokenizer, vocab, len(req.prompt))
-            req.logits_processors = (*req.logits_processors, mask)
+    def constrain(served, req, schema, info=None) -> None:
+        """Structured output: the answer must be JSON following ``schema``, or (a forced tool
+        call, ``info["force"]``) a call of one of those tools; the grammar's token mask is applied
+        on every step. A template that opened ``<think>`` gets it closed first (a constrained
+        answer has no reasoning)."""
+        if info is not None and info.get("force"):
+            schema = structured.call_schema(info["tools"], info["force"])
+        if schema is None:
+            return
+        if info is not None and info["thinking"]:
+            req.prompt = [
+                *req.prompt,
+                *served.tokenizer.encode("\n</think>\n\n", add_special_tokens=False),
+            ]
+            info["thinking"] = False
+        vocab = served.model.config.vocab_size
+        mask = structured.JsonConstraint(schema, served.tokenizer, vocab, len(req.prompt))
+        req.logits_processors = (*req.logits_processors, mask)
 
     async def timed(handle):
         """The request's events until ``request_timeout``; past it the request is cancelled
@@ -128,13 +139,13 @@ def make_app(
             body = await body_of(request)
             served = await models.get(body.get("model"))
             req, stops, info = oa.chat_request(body, served.tokenizer, max_tokens_cap)
-            constrain(served, req, body.get("response_format"))
+            constrain(served, req, structured.schema_of(body.get("response_format")), info)
             handle = open_request(served, req, stops)
         except ApiError as e:
             return _error(e)
         rid, model = oa.new_id("chatcmpl"), served.name
         want_lp = req.logprobs is not None
-        parser = OutputParser(thinking=info["thinking"], tools=info["tools"])
+        parser = OutputParser(thinking=info["thinking"], tools=bool(info["tools"]))
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(
@@ -202,7 +213,7 @@ def make_app(
             body = await body_of(request)
             served = await models.get(body.get("model"))
             req, stops = oa.completion_request(body, served.tokenizer, max_tokens_cap)
-            constrain(served, req, body.get("response_format"))
+            constrain(served, req, structured.schema_of(body.get("response_format")))
             handle = open_request(served, req, stops)
         except ApiError as e:
             return _error(e)
@@ -258,11 +269,12 @@ def make_app(
             body = await body_of(request)
             served = await models.get(body.get("model"))
             req, stops, info = an.messages_request(body, served.tokenizer, max_tokens_cap)
+            constrain(served, req, info["format"], info)
             handle = open_request(served, req, stops)
         except ApiError as e:
             return fail(e)
         rid, model = an.message_id(), served.name
-        parser = OutputParser(thinking=info["thinking"], tools=info["tools"])
+        parser = OutputParser(thinking=info["thinking"], tools=bool(info["tools"]))
         if body.get("stream"):
             return StreamingResponse(_messages_stream(handle, parser, rid, model),
                                      media_type="text/event-stream")  # fmt: skip

@@ -142,6 +142,7 @@ def chat_request(body: dict, tokenizer, max_cap: int) -> tuple[Request, list[str
     if tools is not None and not (isinstance(tools, list) and all(
             isinstance(t, dict) for t in tools)):  # fmt: skip
         raise ApiError(400, "'tools' must be a list of tool objects", "tools")
+    tools, force = _tool_choice(body.get("tool_choice"), tools)
     kwargs = dict(body.get("chat_template_kwargs") or {})
     if body.get("enable_thinking") is not None:
         kwargs["enable_thinking"] = bool(body["enable_thinking"])
@@ -155,8 +156,26 @@ def chat_request(body: dict, tokenizer, max_cap: int) -> tuple[Request, list[str
     except MlxllmError as e:
         raise ApiError(400, str(e), "messages") from None
     ids = tokenizer.encode(text, add_special_tokens=False)
-    info = {"thinking": text.rstrip().endswith("<think>"), "tools": bool(tools)}
+    info = {"thinking": text.rstrip().endswith("<think>"), "tools": tools, "force": force}
     return Request(ids, **_sampling(body, max_cap)), _stops(body), info
+
+
+def _tool_choice(choice, tools):
+    """``tool_choice`` -> (the tools to render, the names one of which must be called or None):
+    "auto" (default), "none" (tools not shown), "required", or one named function."""
+    names = [((t.get("function") or {}).get("name")) for t in tools or []]
+    if choice in (None, "auto"):
+        return tools, None
+    if choice == "none":
+        return None, None
+    if not tools:
+        raise ApiError(400, "'tool_choice' needs 'tools'", "tool_choice")
+    if choice == "required":
+        return tools, names
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        return tools, [(choice.get("function") or {}).get("name")]
+    raise ApiError(400, "'tool_choice' must be 'auto', 'none', 'required' or "
+                   '{"type": "function", "function": {"name": ...}}', "tool_choice")  # fmt: skip
 
 
 def completion_request(body: dict, tokenizer, max_cap: int) -> tuple[Request, list[str]]:

@@ -57,6 +57,22 @@ def schema_of(response_format) -> dict | None:
                    "response_format")  # fmt: skip
 
 
+def call_schema(tools: list[dict], names: list[str]) -> dict:
+    """The answer of a forced tool call: ``{"name": one of names, "arguments": its parameters}``
+    (the bare call object the answer parser reads as a tool call), as a JSON schema."""
+    params = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"}
+              for t in tools}  # fmt: skip
+    unknown = [n for n in names if n not in params]
+    if unknown:
+        raise ApiError(400, f"tool_choice names {unknown[0]!r}, which is not among the tools",
+                       "tool_choice")  # fmt: skip
+    one = [{"type": "object", "additionalProperties": False,
+            "required": ["name", "arguments"],
+            "properties": {"name": {"const": n}, "arguments": params[n]}}
+           for n in names]  # fmt: skip
+    return one[0] if len(one) == 1 else {"anyOf": one}
+
+
 class JsonConstraint:
     """Logits processor that keeps the answer inside ``schema`` (see module doc)."""
 
