@@ -462,6 +462,41 @@ def test_models_load_on_first_use_and_go_when_idle():
         thread.join(timeout=30)
 
 
+def test_unloading_counts_caches_not_only_weights(tmp_path):
+    """Two models whose weights fit the limit together: once the first holds a stored
+    conversation in its prefix store, loading the second unloads it (idle, least recently
+    used); the limit counts caches too."""
+    import asyncio
+
+    from mlx.utils import tree_flatten
+
+    from mlxllm.engine import Request
+
+    folder = fixture_model(SMOL)
+    other = tmp_path / "smol-copy"
+    other.symlink_to(folder, target_is_directory=True)
+    weights = 4 * sum(
+        v.size for _, v in tree_flatten(load(folder, dtype=mx.float32)[0].parameters())
+    )
+
+    async def scenario():
+        models = Models(None, keep_alive=120.0, dtype=mx.float32, memory_budget=1 << 30,
+                        memory_limit=2 * weights + (4 << 20))  # fmt: skip
+        try:
+            first = await models.get(str(folder))
+            assert first.held == first.nbytes == weights  # nothing cached yet
+            prompt = first.tokenizer.encode("The history of the sea. " * 40)
+            handle = first.engine.open(Request(prompt, max_tokens=4))
+            _ = [ev async for ev in handle]
+            assert first.engine.store.nbytes > 4 << 20
+            await models.get(str(other))
+            return list(models.loaded)
+        finally:
+            models.stop()
+
+    assert asyncio.run(scenario()) == [str(other)]
+
+
 def test_mlxllm_serve_answers_and_ctrl_c_shuts_down_cleanly():
     """The real command: `mlxllm serve MODEL` answers on 127.0.0.1, and SIGINT (Ctrl-C) ends it
     with status 0 and no traceback."""

@@ -32,6 +32,12 @@ class Served:
         self.used = time.monotonic()
         self.nbytes = sum(v.nbytes for v in _leaves(model.parameters()))
 
+    @property
+    def held(self) -> int:
+        """Bytes this model holds: weights, the caches its requests may reach, its prefix
+        store."""
+        return self.nbytes + self.engine.reserved() + self.engine.store.nbytes
+
 
 def _leaves(tree):
     if isinstance(tree, dict):
@@ -49,8 +55,29 @@ def _clear_streams() -> None:
     mx.clear_streams()
 
 
-def _weights_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+def _weights_bytes(path: Path, dtype=None) -> int:
+    """Bytes the checkpoint's weights take once loaded: floating tensors in the compute dtype
+    (the loader casts them), the rest as stored; read from the safetensors headers."""
+    import json
+    import struct
+
+    from mlxllm.loader import default_dtype
+
+    size = (dtype or default_dtype()).size
+    total = 0
+    for f in path.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for d in t["shape"]:
+                count *= d
+            stored = t["data_offsets"][1] - t["data_offsets"][0]
+            total += count * size if t["dtype"] in ("F16", "BF16", "F32", "F64") else stored
+    return total
 
 
 class Models:
@@ -59,7 +86,8 @@ class Models:
     Args:
         default: the model requests get when they name none (None: they must name one).
         keep_alive: seconds an idle model stays loaded (the default model stays always).
-        memory_limit: bytes of weights held at once (default: 3/4 of device memory).
+        memory_limit: bytes the models may hold at once, weights and caches (default: 3/4 of
+            device memory).
         engine_kw: settings for each model's ``Engine``.
     """
 
@@ -105,7 +133,7 @@ class Models:
             loaded = ", ".join(self.loaded) or "none"
             raise ApiError(404, f"model {name!r} not found ({e}); loaded: {loaded}", "model",
                            kind="not_found_error") from None  # fmt: skip
-        self._make_room(_weights_bytes(Path(path)))
+        self._make_room(_weights_bytes(Path(path), self.dtype))
 
         def build():
             # in one thread: lazily loaded weights are evaluated where they were made
@@ -124,15 +152,17 @@ class Models:
         return served
 
     def _make_room(self, need: int) -> None:
-        """Unload idle models, least recently used first, until ``need`` more bytes fit."""
-        held = sum(s.nbytes for s in self.loaded.values())
+        """Unload idle models, least recently used first, until ``need`` more bytes fit beside
+        what the others hold (weights, caches and prefix stores)."""
+        held = {s.name: s.held for s in self.loaded.values()}
         for served in sorted(self.loaded.values(), key=lambda s: s.used):
-            if held + need <= self.memory_limit:
+            if sum(held.values()) + need <= self.memory_limit:
                 return
             if served is self.default or served.engine.busy:
                 continue
             self.unload(served.name)
-            held -= served.nbytes
+            held.pop(served.name)
+        held = sum(held.values())
         if held + need > self.memory_limit:
             raise ApiError(503, f"not enough memory for this model ({need / 2**30:.1f} GiB) "
                            "beside the busy ones; retry later", "model")  # fmt: skip
