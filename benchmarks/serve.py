@@ -20,6 +20,11 @@ Scenarios (``--scenario``, default both):
 - ``concurrency``: for each N of ``--clients``, N clients send one request each at once, a user
   message "Write a long story about TOPIC ..." with a topic of its own (no two requests of a run
   share a topic, so the only prefix they share is the chat template's).
+- ``fanout``: ``--agents`` sub-agents at once (a coding agent's parallel sub-tasks): each runs
+  its own conversation of ``--turns`` turns, as in ``agent``, under the same system prompt, with
+  questions of its own; all start together. mlxllm's engine computes the shared new prefix
+  once (the other requests wait for it and start from the prefix store), mlx-lm's server
+  prefills every request's whole prompt when nothing is cached yet.
 - ``agent``: one agent conversation, turn after turn: a system prompt of ``--system-len`` words
   of deterministic filler text (seeded), then ``--turns`` turns; each turn sends the whole
   conversation again (every earlier user message and the assistant's answer as received) plus a
@@ -80,7 +85,7 @@ from _common import DEFAULT_MODEL, REPO, bench_env, compare, fmt, median, table_
 RESULTS = REPO / "benchmarks" / "results" / "serve.json"
 LOGS = REPO / "benchmarks" / "results" / "serve-logs"
 CAST_ROOT = Path("~/.cache/mlxllm-bench").expanduser()
-SCENARIOS = ("concurrency", "agent")
+SCENARIOS = ("concurrency", "agent", "fanout")
 TOOLS = ("mlxllm", "mlx-lm")
 DTYPES = ("float32", "float16", "bfloat16")
 MLX_LM_MODEL = "default_model"  # mlx_lm.server's name for the --model it was started with
@@ -149,6 +154,51 @@ def model_folder(model: Path, dtype: str) -> Path:
             config[key] = dtype
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (tmp / ".complete").write_text(f"{model}\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "generation_config.json")  # fmt: skip
+
+
+def random_folder(name: str, tokenizer: Path, seed: int) -> Path:
+    """A checkpoint folder of the published config ``name`` (``moe_mla.CONFIGS``) with the
+    seed's random bfloat16 tensors (``moe_parity.checkpoint_tensors``) and the tokenizer files
+    of ``tokenizer`` (its vocabulary must fit the config's), made once under ``CAST_ROOT``.
+    Both servers load it with their own loaders; answers are random text, timed the same."""
+    from moe_mla import CONFIGS
+    from moe_parity import checkpoint_tensors
+
+    out = CAST_ROOT / f"random-{name}-seed{seed}"
+    if (out / ".complete").exists():
+        return out
+    import mlx.core as mx
+
+    print(f"writing random {name} weights to {out} ...", file=sys.stderr, flush=True)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = dict(CONFIGS[name], torch_dtype="bfloat16")
+    config.setdefault("architectures", [{"qwen2": "Qwen2ForCausalLM"}.get(
+        config["model_type"], "DeepseekV2ForCausalLM")])  # fmt: skip
+    tensors = checkpoint_tensors(config, seed)
+    names = sorted(tensors)
+    shards = [names[i::8] for i in range(8)]  # eight files: none too large to write at once
+    index = {}
+    for i, part in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        mx.save_safetensors(str(tmp / fname), {k: tensors[k] for k in part},
+                            metadata={"format": "pt"})  # fmt: skip
+        index.update(dict.fromkeys(part, fname))
+    del tensors
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for f in TOKENIZER_FILES:
+        if (tokenizer / f).exists():
+            shutil.copy2(tokenizer / f, tmp / f)
+    (tmp / ".complete").write_text(f"{name} seed {seed}, tokenizer {tokenizer}\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
@@ -401,6 +451,45 @@ def agent_turns(client, model: str, system: str, questions: list[str], gen: int)
     return turns
 
 
+def fanout_turns(client, model: str, system: str, tasks: list[list[str]], gen: int):
+    """Sub-agents: one thread per task list, all released together, each running its turns
+    under the same system prompt. Returns (per-turn rows over the agents: mean TTFT, summed
+    tokens; wall time from the release to the last answer)."""
+    n = len(tasks)
+    barrier = threading.Barrier(n + 1)
+    results: list = [None] * n
+
+    def one(i):
+        barrier.wait()
+        try:
+            results[i] = agent_turns(client, model, system, tasks[i], gen)
+        except Exception as e:  # noqa: BLE001 (reported with the agent)
+            results[i] = {"error": f"{type(e).__name__}: {e}"}
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    errors = [r["error"] for r in results if isinstance(r, dict)]
+    if errors:
+        raise RuntimeError(f"{len(errors)}/{n} agents failed; first: {errors[0]}")
+    rows = []
+    for turn in zip(*results, strict=True):
+        rows.append({
+            "ttft_s": statistics.fmean(t["ttft_s"] for t in turn),
+            "time_s": max(t["time_s"] for t in turn),
+            **{k: sum(t[k] or 0 for t in turn)
+               for k in ("prompt_tokens", "cached_tokens", "tokens", "chunks")},
+            "finish": ",".join(sorted({t["finish"] for t in turn})),
+            "text": "\n".join(t["text"] for t in turn),
+        })  # fmt: skip
+    return rows, wall
+
+
 def agent_summary(turns: list[dict]) -> dict:
     later = [t["ttft_s"] for t in turns[1:]]
     return {
@@ -451,12 +540,18 @@ def run_one(tool: str, scenario: str, folder: Path, dtype: str | None, args, rep
             warm_q = [_question(t, x) for t, x in enumerate(warm_topics)]
             agent_turns(client, model, warm_system, warm_q, args.gen)
             system = _system(args.seed, args.system_len)
-            qs = [_question(t, x) for t, x in enumerate(names[: args.turns])]
-            t = time.perf_counter()
-            turns = agent_turns(client, model, system, qs, args.gen)
-            res["wall_s"] = time.perf_counter() - t
+            if scenario == "agent":
+                qs = [_question(t, x) for t, x in enumerate(names[: args.turns])]
+                t = time.perf_counter()
+                turns = agent_turns(client, model, system, qs, args.gen)
+                res["wall_s"] = time.perf_counter() - t
+                res["summary"] = agent_summary(turns)
+            else:  # fanout: the sub-agents' total is the wall time until the last one is done
+                tasks = [[_question(t, x) for t, x in enumerate(names[a :: args.agents])]
+                         [: args.turns] for a in range(args.agents)]  # fmt: skip
+                turns, res["wall_s"] = fanout_turns(client, model, system, tasks, args.gen)
+                res["summary"] = dict(agent_summary(turns), total_s=res["wall_s"])
             res["turns"] = turns
-            res["summary"] = agent_summary(turns)
             print(f"  {tool}: {json.dumps(res['summary'])}", file=sys.stderr, flush=True)
         res["peak_rss_gb"] = server.peak_rss_gb()
     except Exception as e:  # noqa: BLE001 (one failed run is reported, the others go on)
@@ -582,7 +677,11 @@ def _on_cpu() -> bool:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=str(DEFAULT_MODEL), help="a Hugging Face checkpoint folder")
+    ap.add_argument("--model", default=str(DEFAULT_MODEL),
+                    help="a Hugging Face checkpoint folder, or a config of moe_mla.CONFIGS "
+                    "(random weights, the tokenizer of --tokenizer)")  # fmt: skip
+    ap.add_argument("--tokenizer", default=str(DEFAULT_MODEL),
+                    help="the folder whose tokenizer a random-weights model gets")  # fmt: skip
     ap.add_argument(
         "--dtype",
         choices=(*DTYPES, "stored"),
@@ -594,6 +693,7 @@ def main(argv=None):
     ap.add_argument("--gen", type=int, default=32, help="max_tokens of every request")
     ap.add_argument("--system-len", type=int, default=1500, help="words of the system prompt")
     ap.add_argument("--turns", type=int, default=6)
+    ap.add_argument("--agents", type=int, default=4, help="sub-agents of the fanout scenario")
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs per server")
     ap.add_argument("--seed", type=int, default=0, help="topics and filler text")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per request")
@@ -601,10 +701,16 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS), help="JSON results file")
     args = ap.parse_args(argv)
     n_topics = len(ADJECTIVES) * len(NOUNS) - 2  # the last two are the warm-up's
-    if sum(args.clients) > n_topics or args.turns > n_topics or min(args.clients) < 1:
+    if (sum(args.clients) > n_topics or args.turns * max(1, args.agents) > n_topics
+            or min(args.clients) < 1):  # fmt: skip
         raise SystemExit(f"--clients: at least 1 each, {n_topics} in all; --turns at most that")
 
-    model = Path(args.model).expanduser().resolve()
+    from moe_mla import CONFIGS
+
+    if args.model in CONFIGS:
+        model = random_folder(args.model, Path(args.tokenizer).expanduser(), args.seed)
+    else:
+        model = Path(args.model).expanduser().resolve()
     stored = _stored_dtype(model)
     dtype = args.dtype or ("float32" if _on_cpu() else "stored")
     dtype = stored if dtype == "stored" else dtype
@@ -643,14 +749,19 @@ def main(argv=None):
             "ratios), spread = their min-max"
         )
         report.append(f"mlxllm serve: {settings['mlxllm']}; mlx_lm.server: {settings['mlx-lm']}")
-        if scenario == "agent":
+        if scenario in ("agent", "fanout"):
             a = runs["mlxllm"][0]["turns"][0]
+            many = scenario == "fanout"
             report.append(
+                (f"{args.agents} sub-agents at once, each with its own questions under " if many
+                 else "") +
                 f"system prompt {args.system_len} words (turn 1: {a['prompt_tokens']} prompt "
-                f"tokens), {args.turns} turns of max_tokens {args.gen}; each turn resends the "
-                "conversation; TTFT = request to first content chunk; total = the turns' "
-                "request times summed"
-            )
+                f"tokens{' in all' if many else ''}), {args.turns} turns of max_tokens "
+                f"{args.gen}; each turn resends the conversation; TTFT = request to first "
+                "content chunk" + (" (mean over the agents); total = wall time until the last "
+                "agent is done; tokens summed over the agents" if many else
+                "; total = the turns' request times summed")
+            )  # fmt: skip
             entry["summary"], lines = summarize_agent(runs)
         else:
             report.append(
