@@ -337,6 +337,64 @@ WEATHER = {"type": "function", "function": {
                    "required": ["city"]}}}  # fmt: skip
 
 
+# Qwen3's switch, as its template reads it: thinking unless enable_thinking is false, which
+# closes an empty think block in the prompt (this template also opens <think> itself, as R1's
+# and QwQ's do, so the whole answer of a model that never closes it is reasoning)
+THINKING_TEMPLATE = """{%- for m in messages %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endfor -%}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% if enable_thinking is defined and enable_thinking is false %}<think>
+
+</think>
+
+{% else %}<think>
+{% endif -%}
+{%- endif %}"""
+
+
+def test_reasoning_goes_to_reasoning_content_and_thinking_blocks(smol):
+    """A template that opens <think>: the answer is ``reasoning_content`` (OpenAI) and a
+    thinking block (Anthropic); ``enable_thinking: false`` reaches the template, which closes
+    the block, and the answer is plain content."""
+    import copy
+
+    import anthropic
+
+    model, tok = smol
+    tok = copy.copy(tok)
+    tok.chat_template = THINKING_TEMPLATE
+    want = generate(model, tok, QUESTION, max_tokens=16)
+    assert "</think>" not in want
+    url, _, srv, thread = _serve("smol-think", model, tok)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+        got = client.chat.completions.create(model="smol-think", messages=QUESTION,
+                                             max_tokens=16, temperature=0)  # fmt: skip
+        message = got.choices[0].message
+        assert message.model_extra["reasoning_content"] == want and not message.content
+        off = client.chat.completions.create(
+            model="smol-think",
+            messages=QUESTION,
+            max_tokens=16,
+            temperature=0,
+            extra_body={"enable_thinking": False},
+        )
+        assert off.choices[0].message.content
+        assert "reasoning_content" not in (off.choices[0].message.model_extra or {})
+        req, _, info = chat_request({"messages": QUESTION, "enable_thinking": False}, tok, 100)
+        assert tok.decode(req.prompt).endswith("<think>\n\n</think>\n\n")
+        assert not info["thinking"]
+        claude = anthropic.Anthropic(base_url=url, api_key=KEY, max_retries=0)
+        msg = claude.messages.create(model="smol-think", max_tokens=16, messages=QUESTION,
+                                     thinking={"type": "enabled", "budget_tokens": 1024},
+                                     extra_body={"temperature": 0})  # fmt: skip
+        assert [b.type for b in msg.content] == ["thinking"] and msg.content[0].thinking == want
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+
+
 def test_tool_call_round_trip_with_qwen():
     """Qwen2.5-Coder calls the offered tool (parsed into tool_calls, in streaming too), and the
     tool's result goes back through its chat template into an answer."""
