@@ -92,13 +92,38 @@ def make_sampler(
         return greedy
 
     def sample(logits: mx.array, key: mx.array | None = None) -> mx.array:
-        logits = logits.astype(mx.float32) / temperature
-        logits = apply_top_k(logits, top_k)
-        logits = apply_min_p(logits, min_p)
-        logits = apply_top_p(logits, top_p)
+        logits = filtered_logits(logits, temperature, top_p, top_k, min_p)
         return mx.random.categorical(logits, axis=-1, key=key)
 
     return sample
+
+
+def filtered_logits(
+    logits: mx.array, temperature: float, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
+) -> mx.array:
+    """The logits a sampler draws from (float32, tempered, filtered): its distribution is
+    ``softmax`` of these. ``temperature`` must be > 0."""
+    logits = logits.astype(mx.float32) / temperature
+    logits = apply_top_k(logits, top_k)
+    logits = apply_min_p(logits, min_p)
+    return apply_top_p(logits, top_p)
+
+
+def distribution(
+    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
+) -> Callable[[mx.array], mx.array]:
+    """``probs(logits[..., V]) -> [..., V]``: the distribution ``make_sampler`` with the same
+    settings draws from (greedy: all mass on the argmax)."""
+    check_sampling(temperature, top_p, top_k, min_p)
+    if temperature == 0:
+
+        def one_hot(logits: mx.array) -> mx.array:
+            top = mx.argmax(logits, axis=-1, keepdims=True)
+            return (mx.arange(logits.shape[-1]) == top).astype(mx.float32)
+
+        return one_hot
+    return lambda logits: mx.softmax(filtered_logits(logits, temperature, top_p, top_k, min_p),
+                                     axis=-1)  # fmt: skip
 
 
 def repetition_penalty(penalty: float, context_size: int = 64):

@@ -264,6 +264,11 @@ class Model(CausalLM):
     def __init__(self, config: DeepseekConfig):
         super().__init__(config, [block(config, i) for i in range(config.num_hidden_layers)])
 
+    def new_block(self, i: int) -> DecoderBlock:
+        """A fresh block of layer ``i``'s kind (an MTP module's block is one, ``i`` = the layer
+        count)."""
+        return block(self.config, i)
+
     def make_cache(self):
         """A ``LatentCache`` for MLA layers (latent + rope key only), ``KVCache`` otherwise."""
         return [LatentCache() if self.config.kv_lora_rank else KVCache() for _ in self.layers]

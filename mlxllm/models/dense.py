@@ -85,3 +85,8 @@ class Model(CausalLM):
 
     def __init__(self, config: DenseConfig):
         super().__init__(config, [block(config) for _ in range(config.num_hidden_layers)])
+
+    def new_block(self, i: int) -> DecoderBlock:
+        """A fresh block of layer ``i``'s kind (an MTP module's block is one, ``i`` = the layer
+        count)."""
+        return block(self.config)

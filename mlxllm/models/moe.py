@@ -164,6 +164,11 @@ class Model(CausalLM):
     def __init__(self, config: MoeConfig):
         super().__init__(config, [block(config, i) for i in range(config.num_hidden_layers)])
 
+    def new_block(self, i: int) -> DecoderBlock:
+        """A fresh block of layer ``i``'s kind (an MTP module's block is one, ``i`` = the layer
+        count)."""
+        return block(self.config, i)
+
     def sanitize(self, weights: dict) -> dict:
         # per-expert tensors become SwitchGLU's stacked [n_experts, out, in]
         return stack_experts(super().sanitize(weights), self.config.num_experts)

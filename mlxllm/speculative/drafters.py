@@ -1,0 +1,111 @@
+"""Drafters for ``speculative_generate_step``: a smaller model with the same tokenizer, or an
+MTP layer on the model's own hidden states.
+
+A drafter keeps its own cache in step with the model's:
+
+- ``begin(prompt_ids)``; ``prefill(ids, start, end, hidden)``: the model's hidden states
+  ``hidden`` of prompt positions ``[start, end)``;
+- ``draft(k, probs, key) -> (ids[k], q[k, V] or None)``: propose ``k`` tokens after the last
+  committed one (greedy when ``probs`` is None, else drawn from ``probs(logits)``, which is
+  returned as ``q``);
+- ``commit(k, a, hidden, tokens)``: of the ``k`` drafts, ``a`` were kept; ``tokens`` are the
+  new committed ids (the kept drafts, then the model's own), ``hidden`` the model's hidden
+  states at the positions before each of them.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from mlxllm.speculative.mtp import MTPLayer, new_cache
+
+
+def _pick(logits: mx.array, probs, key):
+    """(token, its distribution or None): argmax, or a draw from ``probs(logits)``."""
+    if probs is None:
+        return mx.argmax(logits, axis=-1), None
+    q = probs(logits[None])[0]
+    return mx.random.categorical(mx.log(q), key=key), q
+
+
+def _split(key, n: int):
+    return [None] * n if key is None else list(mx.random.split(key, n))
+
+
+class DraftModel:
+    """A smaller model of the same vocabulary drafts token by token from its own cache."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache, self.pending = None, []
+
+    def state(self):
+        return [c.state for c in self.cache]
+
+    def begin(self, prompt_ids: list[int]) -> None:
+        self.cache, self.pending = self.model.make_cache(), [prompt_ids[-1]]
+
+    def prefill(self, ids, start: int, end: int, hidden) -> None:
+        self.model(mx.array(ids[start:end])[None], cache=self.cache)
+
+    def draft(self, k: int, probs=None, key=None):
+        x, self.pending = mx.array(self.pending, dtype=mx.int32)[None], []
+        tokens, qs = [], []
+        for i, sub in enumerate(_split(key, k)):
+            t, q = _pick(self.model(x, cache=self.cache)[0, -1], probs, sub)
+            tokens.append(t)
+            if q is not None:
+                qs.append(q)
+            if i < k - 1:
+                x = t.reshape(1, 1).astype(mx.int32)
+        return mx.stack(tokens).astype(mx.int32), (mx.stack(qs) if qs else None)
+
+    def commit(self, k: int, a: int, hidden, tokens: list[int]) -> None:
+        if k:
+            # the cache holds the inputs up to draft k - 1: keep those up to the last kept one
+            for c in self.cache:
+                c.trim(k - 1 - min(a, k - 1))
+            self.pending = [tokens[k - 1]] if a == k else []
+        self.pending.append(tokens[-1])
+
+
+class MTPDrafter:
+    """An MTP layer drafts from the model's hidden states (``mtp.py``); further drafts chain
+    on its own output. Its cache gets the model's hidden state of every committed position."""
+
+    def __init__(self, model, layer: MTPLayer):
+        self.model, self.layer = model, layer
+        self.cache, self.pending = None, None
+
+    def state(self):
+        return self.cache.state
+
+    def _embed(self, ids: mx.array) -> mx.array:
+        return self.model.model.embed_tokens(ids)
+
+    def begin(self, prompt_ids: list[int]) -> None:
+        self.cache, self.pending = new_cache(self.model), None
+
+    def prefill(self, ids, start: int, end: int, hidden) -> None:
+        # position i pairs the hidden state of i with token i + 1
+        nxt = mx.array(ids[start + 1 : end + 1], dtype=mx.int32)[None]
+        self.layer(hidden, self._embed(nxt), cache=self.cache)
+
+    def draft(self, k: int, probs=None, key=None):
+        hidden, ids = self.pending
+        out = self.layer(hidden, self._embed(mx.array(ids, dtype=mx.int32)[None]), self.cache)
+        last = out[:, -1:]
+        tokens, qs = [], []
+        for i, sub in enumerate(_split(key, k)):
+            t, q = _pick(self.layer.logits(self.model, last)[0, -1], probs, sub)
+            tokens.append(t)
+            if q is not None:
+                qs.append(q)
+            if i < k - 1:
+                last = self.layer(last, self._embed(t.reshape(1, 1).astype(mx.int32)), self.cache)
+        return mx.stack(tokens).astype(mx.int32), (mx.stack(qs) if qs else None)
+
+    def commit(self, k: int, a: int, hidden, tokens: list[int]) -> None:
+        if k > 1:
+            self.cache.trim(k - 1)  # the chained drafts' positions
+        self.pending = (hidden, tokens)
