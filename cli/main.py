@@ -125,6 +125,28 @@ AllowLong = typer.Option(
     help="Run a prompt longer than the model's context (refused otherwise).",
 )
 
+DraftModelOpt = typer.Option(
+    None, "--draft-model", help="Speculative decoding: a smaller model with the same tokenizer."
+)
+NumDraft = typer.Option(3, "--num-draft", help="Tokens drafted per speculative step.")
+Mtp = typer.Option(
+    None,
+    "--mtp/--no-mtp",
+    help="Speculate with the checkpoint's MTP layer (DeepSeek-V3/R1; default: when it has one).",
+)
+MtpHead = typer.Option(None, "--mtp-head", help="An MTP head file from `finetune --mtp`.")
+
+
+def _drafter(m, tok, draft_model, mtp, mtp_head, dtype, num_draft):
+    """The speculative drafter the flags ask for (None: plain decoding)."""
+    from mlxllm.errors import InvalidArgument
+    from mlxllm.speculative import make_drafter
+
+    if num_draft < 1:
+        raise InvalidArgument(f"--num-draft {num_draft}: use 1 or more")
+    draft = _load(draft_model, dtype) if draft_model else None
+    return make_drafter(m, tok, draft=draft, mtp=mtp, mtp_head=mtp_head)
+
 
 def _apply_adapter(model, adapter: str | None):
     if adapter is None:
@@ -154,6 +176,10 @@ def generate(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speed and memory."),
     adapter: str | None = Adapter,
     allow_long_prompt: bool = AllowLong,
+    draft_model: str | None = DraftModelOpt,
+    num_draft: int = NumDraft,
+    mtp: bool | None = Mtp,
+    mtp_head: str | None = MtpHead,
 ):
     """Generate text for one prompt and stream it to stdout."""
     from mlxllm.generation.sample import check_sampling
@@ -165,6 +191,7 @@ def generate(
         prompt = _read_prompt(prompt)
         m, tok = _load(model, dtype)
         m = _apply_adapter(m, adapter)
+        drafter = _drafter(m, tok, draft_model, mtp, mtp_head, dtype, num_draft)
     from mlxllm.generation.stream import stream_generate
 
     use_template = not no_chat_template and tok.chat_template is not None
@@ -185,6 +212,8 @@ def generate(
                 chat_template=use_template,
                 progress=progress,
                 allow_long_prompt=allow_long_prompt,
+                drafter=drafter,
+                num_draft=num_draft,
                 **sampling,
             ):
                 progress.close()
@@ -201,6 +230,9 @@ def generate(
             f"peak memory: {last.peak_memory_gb:.2f} GB",
             err=True,
         )
+        if last.acceptance is not None:
+            rates = ", ".join(f"{r:.0%}" for r in last.acceptance)
+            typer.echo(f"speculative: drafts accepted by position {rates}", err=True)
 
 
 @app.command()
@@ -217,6 +249,10 @@ def chat(
     dtype: str | None = Dtype,
     adapter: str | None = Adapter,
     allow_long_prompt: bool = AllowLong,
+    draft_model: str | None = DraftModelOpt,
+    num_draft: int = NumDraft,
+    mtp: bool | None = Mtp,
+    mtp_head: str | None = MtpHead,
 ):
     """Chat in the terminal; the KV cache is kept across turns."""
     from mlxllm.generation.sample import check_sampling
@@ -227,6 +263,7 @@ def chat(
         check_sampling(**sampling, max_tokens=max_tokens)  # before any model loads
         m, tok = _load(model, dtype)
         m = _apply_adapter(m, adapter)
+        drafter = _drafter(m, tok, draft_model, mtp, mtp_head, dtype, num_draft)
     if tok.chat_template is None:
         _fail(f"{model} has no chat template; use `mlxllm generate --no-chat-template` instead")
     from mlxllm.cli.chat import ChatSession
@@ -236,7 +273,9 @@ def chat(
         tok,
         system=system,
         max_tokens=max_tokens,
-        sampling=dict(sampling, allow_long_prompt=allow_long_prompt),
+        sampling=dict(
+            sampling, allow_long_prompt=allow_long_prompt, drafter=drafter, num_draft=num_draft
+        ),  # fmt: skip
     )
     with _user_errors():
         session.repl()

@@ -142,7 +142,9 @@ class PromptCache:
         else:
             self.ids = self.ids[:n]
 
-    def prepare(self, ids: list[int]) -> list[int]:
+    def prepare(self, ids: list[int], keep: int | None = None) -> list[int]:
+        """Trim to the common prefix with ``ids`` (at most ``keep`` positions); returns the ids
+        still to run."""
         self.sync()
         common = 0
         for a, b in zip(self.ids, ids, strict=False):
@@ -150,6 +152,8 @@ class PromptCache:
                 break
             common += 1
         common = min(common, len(ids) - 1)  # always run at least one token to get logits
+        if keep is not None:
+            common = min(common, keep)
         for c in self.layers:
             c.trim(c.offset - common)
         self.ids = self.ids[:common]

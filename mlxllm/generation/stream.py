@@ -30,6 +30,7 @@ class Chunk:
     generation_tps: float
     peak_memory_gb: float
     finish_reason: str | None = None  # "stop" (eos or stop string), "length", or None
+    acceptance: list[float] | None = None  # speculative: drafts kept / proposed, by position
 
 
 def encode_prompt(tokenizer, prompt, system: str | None, chat_template: bool | None) -> list[int]:
@@ -94,6 +95,8 @@ def stream_generate(
     prefill_chunk: int = 512,
     progress: Progress | None = None,
     allow_long_prompt: bool = False,
+    drafter=None,
+    num_draft: int = 3,
 ) -> Iterator[Chunk]:
     """Generate text, yielding chunks as they become final.
 
@@ -113,6 +116,10 @@ def stream_generate(
         progress: ``progress(done, total, seconds)`` during prompt processing.
         allow_long_prompt: run a prompt longer than the model's context (refused otherwise:
             past it, models without RoPE scaling for that length produce noise).
+        drafter: speculative decoding (``mlxllm.speculative``: a ``DraftModel`` or an
+            ``MTPDrafter``), ``num_draft`` tokens per round; the same tokens (greedy) or the
+            same distribution (sampling) as without. Keep the same drafter with the same
+            ``cache`` across turns.
 
     Yields:
         ``Chunk`` objects; the last one has ``finish_reason`` set.
@@ -130,7 +137,9 @@ def stream_generate(
             "shorten it (or pass --allow-long-prompt to run past the context anyway)"
         )
     cache = cache if cache is not None else PromptCache(model)
-    todo = cache.prepare(ids)
+    todo = cache.prepare(ids, keep=drafter.offset if drafter is not None else None)
+    if drafter is not None:
+        drafter.trim_to(cache.offset)
     sampler = make_sampler(temperature, top_p, top_k, min_p)
     processors = [make_rep_penalty(repetition_penalty)] if repetition_penalty else []
     stats = StepStats()
@@ -153,20 +162,32 @@ def stream_generate(
             generation_tps=(n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
             peak_memory_gb=mx.get_peak_memory() / 1e9,
             finish_reason=reason,
+            acceptance=getattr(stats, "acceptance", None),
         )
 
     reason = "length"
-    steps = generate_step(
-        model,
-        todo,
-        cache.layers,
-        max_tokens=max_tokens,
-        sampler=sampler,
-        logits_processors=processors,
-        prefill_chunk=prefill_chunk,
-        stats=stats,
-        progress=progress,
-    )
+    if drafter is None:
+        steps = generate_step(
+            model,
+            todo,
+            cache.layers,
+            max_tokens=max_tokens,
+            sampler=sampler,
+            logits_processors=processors,
+            prefill_chunk=prefill_chunk,
+            stats=stats,
+            progress=progress,
+        )
+    else:
+        from mlxllm.speculative import SpecStats, speculative_generate_step
+
+        stats = SpecStats()
+        steps = speculative_generate_step(
+            model, drafter, todo, cache.layers, num_draft=num_draft, max_tokens=max_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+            logits_processors=processors, prefill_chunk=prefill_chunk, stats=stats,
+            progress=progress,
+        )  # fmt: skip
     try:
         cut = False  # a stop string matched: whatever follows it is dropped
         for token in steps:

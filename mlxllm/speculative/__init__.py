@@ -2,8 +2,19 @@
 smaller model or an MTP layer (``drafters.py``, ``mtp.py``)."""
 
 from mlxllm.speculative.decode import SpecStats, accept, speculative_generate_step
-from mlxllm.speculative.drafters import DraftModel, MTPDrafter
+from mlxllm.speculative.drafters import DraftModel, MTPDrafter, make_drafter
 from mlxllm.speculative.mtp import MTPLayer, from_checkpoint, load_head, mtp_layer, save_head
 
-__all__ = ["DraftModel", "MTPDrafter", "MTPLayer", "SpecStats", "accept", "from_checkpoint",
-           "load_head", "mtp_layer", "save_head", "speculative_generate_step"]  # fmt: skip
+__all__ = [
+    "DraftModel",
+    "MTPDrafter",
+    "MTPLayer",
+    "SpecStats",
+    "accept",
+    "from_checkpoint",
+    "load_head",
+    "make_drafter",
+    "mtp_layer",
+    "save_head",
+    "speculative_generate_step",
+]

@@ -107,7 +107,8 @@ def speculative_generate_step(
 ) -> Iterator[int]:
     """Yield generated ids (at most ``max_tokens``), as ``generate_step`` does with the same
     sampling settings, ``num_draft`` drafts per round from ``drafter`` (``DraftModel`` or
-    ``MTPDrafter``). ``cache`` must be empty (the drafter's state starts with the prompt)."""
+    ``MTPDrafter``). ``cache`` and the drafter must hold the same positions (whatever precedes
+    ``prompt_ids``; ``drafter.trim_to(offset)``)."""
     if not prompt_ids:
         raise ValueError("prompt_ids must hold at least one token")
     if num_draft < 1:

@@ -1,10 +1,13 @@
 """Drafters for ``speculative_generate_step``: a smaller model with the same tokenizer, or an
 MTP layer on the model's own hidden states.
 
-A drafter keeps its own cache in step with the model's:
+A drafter keeps its own cache in step with the model's, across calls (a chat's turns): its
+``offset`` is the positions it holds and ``trim_to(n)`` drops the rest, so a caller that reuses
+the model's cache reuses at most as much of it as the drafter holds (``stream_generate`` does).
 
-- ``begin(prompt_ids)``; ``prefill(ids, start, end, hidden)``: the model's hidden states
-  ``hidden`` of prompt positions ``[start, end)``;
+- ``begin(prompt_ids)``: the ids that follow what both caches hold;
+  ``prefill(ids, start, end, hidden)``: the model's hidden states ``hidden`` of positions
+  ``[start, end)`` of those ids;
 - ``draft(k, probs, key) -> (ids[k], q[k, V] or None)``: propose ``k`` tokens after the last
   committed one (greedy when ``probs`` is None, else drawn from ``probs(logits)``, which is
   returned as ``q``);
@@ -37,13 +40,21 @@ class DraftModel:
 
     def __init__(self, model):
         self.model = model
-        self.cache, self.pending = None, []
+        self.cache, self.pending = model.make_cache(), []
 
     def state(self):
         return [c.state for c in self.cache]
 
+    @property
+    def offset(self) -> int:
+        return min(c.offset for c in self.cache)
+
+    def trim_to(self, n: int) -> None:
+        for c in self.cache:
+            c.trim(c.offset - min(n, c.offset))
+
     def begin(self, prompt_ids: list[int]) -> None:
-        self.cache, self.pending = self.model.make_cache(), [prompt_ids[-1]]
+        self.pending = [prompt_ids[-1]]
 
     def prefill(self, ids, start: int, end: int, hidden) -> None:
         self.model(mx.array(ids[start:end])[None], cache=self.cache)
@@ -75,16 +86,23 @@ class MTPDrafter:
 
     def __init__(self, model, layer: MTPLayer):
         self.model, self.layer = model, layer
-        self.cache, self.pending = None, None
+        self.cache, self.pending = new_cache(model), None
 
     def state(self):
         return self.cache.state
+
+    @property
+    def offset(self) -> int:
+        return self.cache.offset
+
+    def trim_to(self, n: int) -> None:
+        self.cache.trim(self.cache.offset - min(n, self.cache.offset))
 
     def _embed(self, ids: mx.array) -> mx.array:
         return self.model.model.embed_tokens(ids)
 
     def begin(self, prompt_ids: list[int]) -> None:
-        self.cache, self.pending = new_cache(self.model), None
+        self.pending = None
 
     def prefill(self, ids, start: int, end: int, hidden) -> None:
         # position i pairs the hidden state of i with token i + 1
@@ -109,3 +127,45 @@ class MTPDrafter:
         if k > 1:
             self.cache.trim(k - 1)  # the chained drafts' positions
         self.pending = (hidden, tokens)
+
+
+PROBE = "Speculative decoding needs one vocabulary: 0123 äöü 漢字 <|im_end|>\n\tdef f(x):"
+
+
+def check_same_vocabulary(tokenizer, draft_tokenizer) -> None:
+    """Refuse a draft model whose tokenizer differs (its tokens would mean other text)."""
+    from mlxllm.errors import InvalidArgument
+
+    same = (tokenizer.encode(PROBE) == draft_tokenizer.encode(PROBE)
+            and set(tokenizer.eos_token_ids) == set(draft_tokenizer.eos_token_ids))  # fmt: skip
+    if not same:
+        raise InvalidArgument(
+            "the draft model's tokenizer differs from the model's; pick a draft model of the "
+            "same family (e.g. Qwen2.5-0.5B-Instruct for Qwen2.5-7B-Instruct)"
+        )
+
+
+def make_drafter(model, tokenizer, draft=None, mtp: bool | None = None, mtp_head=None):
+    """The drafter a command asked for, or None: ``draft`` a loaded ``(model, tokenizer)``;
+    ``mtp_head`` a head file; ``mtp`` the checkpoint's own MTP layer (None: when it has one)."""
+    from mlxllm.errors import InvalidArgument
+    from mlxllm.speculative.mtp import from_checkpoint, load_head
+
+    if sum(x is not None for x in (draft, mtp_head)) > 1:
+        raise InvalidArgument("pass one of --draft-model and --mtp-head, not both")
+    if draft is not None:
+        check_same_vocabulary(tokenizer, draft[1])
+        return DraftModel(draft[0])
+    if mtp_head is not None:
+        return MTPDrafter(model, load_head(model, mtp_head))
+    if mtp is False:
+        return None
+    layer = from_checkpoint(model)
+    if layer is None:
+        if mtp:
+            raise InvalidArgument(
+                "this checkpoint has no MTP layer; train one with `mlxllm finetune MODEL --mtp` "
+                "and pass it with --mtp-head, or use --draft-model"
+            )
+        return None
+    return MTPDrafter(model, layer)
