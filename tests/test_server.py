@@ -278,6 +278,29 @@ def test_json_schema_answers_always_parse_and_validate(client):
         jsonschema.validate(json.loads(choice.message.content), PERSON)
         assert choice.finish_reason == "stop"
     assert isinstance(json.loads(ask("a cat", {"type": "json_object"}).message.content), dict)
+    # pydantic's discriminated unions come as oneOf
+    pet = {"type": "object", "additionalProperties": False, "required": ["kind", "x"]}
+    one_of = {
+        "type": "object",
+        "required": ["pet"],
+        "additionalProperties": False,
+        "properties": {
+            "pet": {
+                "oneOf": [
+                    dict(
+                        pet,
+                        properties={
+                            "kind": {"const": "cat"},
+                            "x": {"type": "integer", "minimum": 1, "maximum": 9},
+                        },
+                    ),
+                    dict(pet, properties={"kind": {"const": "dog"}, "x": {"type": "boolean"}}),
+                ]
+            }
+        },
+    }
+    fmt_one_of = {"type": "json_schema", "json_schema": {"name": "pet", "schema": one_of}}
+    jsonschema.validate(json.loads(ask("a pet", fmt_one_of).message.content), one_of)
     free = [ask(who, None).message.content for who in PEOPLE[:4]]
     assert not all(_is_json(t) for t in free), free
 
