@@ -229,6 +229,63 @@ def test_requests_sharing_a_new_prefix_compute_it_once(models, family):
     assert reasons == {follow: "cancelled", lead: "length", busy: "length"}
 
 
+def _quantized(model):
+    from mlxllm.quant import make_predicate, quantize_model
+
+    q = type(model)(model.config)
+    q.update(model.parameters())
+    quantize_model(q, make_predicate(bits=4, group_size=32))
+    return q
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_speculative_engine_equals_alone(models, family):
+    """A draft model (the model's 4-bit copy) in the engine, batching on: requests of several
+    lengths, one joining mid-way, one with a repetition penalty (decoded plainly inside the
+    window), one with logprobs, a second round from the prefix store; every greedy output
+    equals the request alone, and fewer steps than tokens ran."""
+    model = models[family]
+    engine = Engine(model, memory_budget=BUDGET, prefill_chunk=16, draft=_quantized(model),
+                    num_draft=3)  # fmt: skip
+    prompts = [_prompt(40 + i, n) for i, n in enumerate([5, 23, 40, 11])]
+    reqs = [Request(p, max_tokens=18) for p in prompts]
+    reqs[2] = Request(prompts[2], max_tokens=18, repetition_penalty=1.3)
+    reqs[3] = Request(prompts[3], max_tokens=18, logprobs=2)
+    late = Request(_prompt(50, 14), max_tokens=12)
+    got = _run(engine, reqs, joins=[(3, late)])
+    for r, evs in zip([*reqs, late], got, strict=True):
+        assert tokens_of(evs) == _alone(model, r.prompt, r.max_tokens,
+                                        repetition_penalty=r.repetition_penalty)  # fmt: skip
+    for ev in got[3][:-1]:
+        assert ev.logprob <= 0 and ev.top_logprobs[0][0] == ev.token
+    assert engine.stats.decode_steps < engine.stats.generated_tokens / len(reqs)
+    again = _run(engine, [Request(prompts[1] + [7], max_tokens=10)])
+    assert again[0][-1].cached_tokens > 0
+    assert tokens_of(again[0]) == _alone(model, prompts[1] + [7], 10)
+
+
+def test_speculative_engine_samples_the_models_distribution(models):
+    """Sampled requests in a speculative batch (temperature 1, top-k 5): the second token over
+    many requests, each with its own seed, follows its exact distribution (chi-square)."""
+    from test_speculative import _chi2_ok
+
+    from mlxllm.generation.sample import distribution
+
+    model = models["dense"]
+    prompt = [11, 200, 37]
+    probs = distribution(temperature=1.0, top_k=5)
+    p1 = probs(model(mx.array([prompt]))[0, -1])
+    first = np.flatnonzero(np.array(p1) > 0)
+    p2 = probs(model(mx.array([prompt + [int(t)] for t in first]))[:, -1])
+    exact = np.array(p1)[first] @ np.array(p2)
+    engine = Engine(model, memory_budget=BUDGET, draft=_quantized(model), num_draft=2,
+                    max_batch=64, prefix_cache_bytes=0, max_queued=1000)  # fmt: skip
+    reqs = [Request(prompt, max_tokens=2, temperature=1.0, top_k=5, seed=i) for i in range(600)]
+    got = _run(engine, reqs)
+    counts = np.bincount([tokens_of(evs)[1] for evs in got], minlength=model.config.vocab_size)
+    assert _chi2_ok(counts.astype(float), exact)
+
+
 def test_eviction_under_a_small_budget_keeps_results(models):
     model = models["dense"]
     per_token = 2 * 2 * 2 * 16 * 4  # layers x (K, V) x kv heads x head_dim x float32

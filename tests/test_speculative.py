@@ -20,6 +20,7 @@ from mlxllm.generation.sample import repetition_penalty
 from mlxllm.generation.step import generate_step
 from mlxllm.loader import load_model
 from mlxllm.models.base import DecoderBlock
+from mlxllm.quant import make_predicate, quantize_model
 from mlxllm.speculative import (
     DraftModel,
     MTPDrafter,
@@ -32,7 +33,6 @@ from mlxllm.speculative import (
     speculative_generate_step,
 )
 from mlxllm.speculative.mtp import new_cache
-from quant import make_predicate, quantize_model
 
 FAMILIES = ["dense", "qwen2_moe", "deepseek-v2-lite", "deepseek-v3"]
 

@@ -32,7 +32,7 @@ import numpy as np
 from mlxllm.cache.batch import batch_caches
 from mlxllm.engine.prefix import PrefixStore, common_prefix
 from mlxllm.errors import InvalidArgument, MlxllmError
-from mlxllm.generation.sample import check_sampling, make_sampler
+from mlxllm.generation.sample import check_sampling, distribution, make_sampler
 from mlxllm.generation.sample import repetition_penalty as make_rep_penalty
 from mlxllm.models.base import context_length
 
@@ -109,6 +109,7 @@ class _Seq:
         self.id, self.req = rid, req
         self.stop_ids = eos | set(req.stop_token_ids)
         self.sampler = make_sampler(req.temperature, req.top_p, req.top_k, req.min_p)
+        self.dist = distribution(req.temperature, req.top_p, req.top_k, req.min_p)
         self.greedy = req.temperature == 0
         self.processors = (
             [make_rep_penalty(req.repetition_penalty)] if req.repetition_penalty else []
@@ -120,12 +121,13 @@ class _Seq:
         self.calls = 0  # decode calls that fed this row a token
         self.unread = 0  # decode calls whose token for this row is not read yet
         self.finished = False
+        self.known: list[int] = []  # speculative: tokens of the row not yet in the cache
 
     @property
     def fed(self) -> int:
         """Generated tokens in the cache: the first call feeds the last prompt token, each
         later one the token before."""
-        return max(self.calls - 1, 0)
+        return min(max(self.calls - 1, 0), len(self.generated))
 
     @property
     def total(self) -> int:
@@ -256,6 +258,8 @@ class Engine:
             way to running requests); 0 turns prefix reuse off.
         max_queued: requests that may wait for admission; more raise ``QueueFull``.
         allow_long_prompt: admit prompts longer than the model's context.
+        draft: a draft model (same tokenizer) for speculative decoding of every request,
+            ``num_draft`` tokens per row and step, batched (see ``_speculate``).
     """
 
     def __init__(
@@ -270,6 +274,8 @@ class Engine:
         prefix_cache_bytes: int | None = None,
         max_queued: int = 256,
         allow_long_prompt: bool = False,
+        draft=None,
+        num_draft: int = 3,
     ):
         if prefill_chunk is None:
             prefill_chunk = 2048 if mx.default_device() == mx.gpu else 512
@@ -277,7 +283,14 @@ class Engine:
             raise InvalidArgument(
                 "max_batch, prefill_chunk and prefill_batch must be >= 1, max_queued >= 0"
             )
+        if draft is not None:
+            from mlxllm.speculative import DraftPair
+
+            if num_draft < 1:
+                raise InvalidArgument(f"num_draft {num_draft}: use 1 or more")
+            model = DraftPair(model, draft)
         self.model = model
+        self.window = num_draft + 1 if draft is not None else 0  # positions per row and step
         self.eos = set(eos_token_ids)
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
@@ -371,7 +384,10 @@ class Engine:
         self._apply_cancels(events)
         self._admit(events)
         pipelined = not any(s.processors for s in self.rows)
-        if pipelined:
+        if self.window:
+            self._speculate(events)
+            launched = None
+        elif pipelined:
             # the next call is queued before this step's tokens are read: the device computes
             # while Python emits; rows whose unread token is their last leave first
             self._retire([s for s in self.rows if self._last_unread(s)], store=True)
@@ -556,6 +572,8 @@ class Engine:
                 self.store.insert(prompt[:-1], [c.row_state(b) for c in group.caches])
         self._fit_store()
         self._release(group)
+        for seq in group.seqs:
+            seq.known = [seq.req.prompt[-1]]
         first = mx.array([s.req.prompt[-1] for s in group.seqs], dtype=mx.int32)
         if self._caches is None:
             self._caches, self._inputs = group.caches, first
@@ -615,6 +633,124 @@ class Engine:
         self.stats.decode_steps += 1
         mx.async_eval(tokens, *(a for a in (lp or ()) if a is not None))
         return tokens, lp, rows
+
+    def _speculate(self, events: list[Event]) -> None:
+        """One speculative step over the running batch (lossless; see ``speculative/``).
+
+        Every row runs the same window of ``W = num_draft + 1`` positions: first its known
+        tokens (emitted, not in the cache yet: at least its last one), then drafts of the
+        draft model, drawn one column at a time for all rows at once. The model verifies every
+        window in one call. Row ``b`` keeps ``c_b`` positions (its known tokens and the drafts
+        it accepts); all rows are trimmed to the smallest ``c``, so the batch stays aligned,
+        and what a row accepted beyond it becomes its known tokens for the next window (the
+        model recomputes them there). Rows with logits processors (their state follows each
+        token) accept no drafts: they are decoded plainly inside the window.
+        """
+        if not self.rows:
+            return
+        from mlxllm.speculative import accept
+
+        rows, W = list(self.rows), self.window
+        main, draft = self.model.split(self._caches)
+        j = [len(s.known) for s in rows]
+        known = mx.array([s.known + [0] * (W - len(s.known)) for s in rows], dtype=mx.int32)
+        own = mx.array(j)
+        dists = [None if s.greedy else s.dist for s in rows]
+        col, cols, qs = known[:, 0], [known[:, 0]], []
+        for i in range(W):
+            logits = self.model.draft(col[:, None], cache=draft)[:, -1]  # [B, V]
+            if i == W - 1:
+                break  # the last column is in the draft's cache; its draft is not needed
+            picks, q = [], []
+            for b, s in enumerate(rows):
+                if dists[b] is None:
+                    picks.append(mx.argmax(logits[b]))
+                    continue
+                s.key, key = mx.random.split(s.key)
+                qb = dists[b](logits[b : b + 1])[0]
+                picks.append(mx.random.categorical(mx.log(qb), key=key))
+                q.append(qb)
+            col = mx.where(i + 1 < own, known[:, min(i + 1, W - 1)], mx.stack(picks))
+            col = col.astype(mx.int32)
+            cols.append(col)
+            qs.append(q)
+        window = mx.stack(cols, axis=1)  # [B, W]
+        logits = self.model.target(window, cache=main)  # [B, W, V]
+        best = mx.argmax(logits, axis=-1)
+        mx.eval(window, best, *(x for q in qs for x in q))
+        ids, best_ids = window.tolist(), best.tolist()
+        sampled = [b for b, d in enumerate(dists) if d is not None]
+        kept, new = [], []
+        for b, s in enumerate(rows):
+            drafts = ids[b][j[b] :]
+            if s.processors:
+                row = logits[b, j[b] - 1 : j[b]]
+                for p in s.processors:
+                    row = p(s.req.prompt + s.generated, row)
+                s.key, key = mx.random.split(s.key)
+                a, t = 0, s.sampler(row, key=key).item()
+            elif dists[b] is None:
+                g = best_ids[b][j[b] - 1 :]
+                a = 0
+                while a < len(drafts) and drafts[a] == g[a]:
+                    a += 1
+                t = g[a]
+            else:
+                s.key, key = mx.random.split(s.key)
+                p = s.dist(logits[b, j[b] - 1 :])
+                if drafts:
+                    k = sampled.index(b)
+                    q = mx.stack([qs[i][k] for i in range(j[b] - 1, W - 1)])
+                    a, t = accept(drafts, p, q, key)
+                else:  # a row catching up: its next token is drawn as usual
+                    a, t = 0, mx.random.categorical(mx.log(p[0]), key=key).item()
+            kept.append(j[b] + a)
+            new.append(drafts[:a] + [t])
+        c = min(kept)
+        for cache in self._caches:
+            cache.trim(W - c)
+        self.stats.decode_steps += 1
+        ended = []
+        for b, s in enumerate(rows):
+            s.known = ids[b][c : kept[b]] + [new[b][-1]]
+            s.calls += c  # positions of this row now in the cache (``fed``)
+            if s.finished:
+                continue
+            lp = self._window_logprobs(s, logits[b], j[b], new[b])
+            for i, token in enumerate(new[b]):
+                s.generated.append(token)
+                self.stats.generated_tokens += 1
+                reason = None
+                if token in s.stop_ids:
+                    reason = "stop"
+                elif len(s.generated) >= s.req.max_tokens:
+                    reason = "length"
+                ev = self._event(s, token, reason)
+                if lp is not None:
+                    ev.logprob, ev.top_logprobs = lp[i]
+                events.append(ev)
+                if reason is not None:
+                    s.finished = True
+                    ended.append(s)
+                    break
+        self._retire(ended, store=True)
+
+    def _window_logprobs(self, s: _Seq, logits: mx.array, start: int, tokens: list[int]):
+        """(logprob, top alternatives) of each emitted token of a window row."""
+        if s.req.logprobs is None:
+            return None
+        rows = logits[start - 1 : start - 1 + len(tokens)].astype(mx.float32)
+        rows = rows - mx.logsumexp(rows, axis=-1, keepdims=True)
+        n = s.req.logprobs
+        chosen = mx.take_along_axis(rows, mx.array(tokens)[:, None], axis=-1)[:, 0].tolist()
+        top = mx.argsort(-rows, axis=-1)[:, :n] if n else None
+        out = []
+        for i in range(len(tokens)):
+            alts = []
+            if n:
+                alts = list(zip(top[i].tolist(), mx.take(rows[i], top[i]).tolist(), strict=True))
+            out.append((chosen[i], alts))
+        return out
 
     def _sample(self, rows: list[_Seq], logits: mx.array) -> mx.array:
         if all(s.greedy and not s.processors for s in rows):

@@ -2,11 +2,12 @@
 smaller model or an MTP layer (``drafters.py``, ``mtp.py``)."""
 
 from mlxllm.speculative.decode import SpecStats, accept, speculative_generate_step
-from mlxllm.speculative.drafters import DraftModel, MTPDrafter, make_drafter
+from mlxllm.speculative.drafters import DraftModel, DraftPair, MTPDrafter, make_drafter
 from mlxllm.speculative.mtp import MTPLayer, from_checkpoint, load_head, mtp_layer, save_head
 
 __all__ = [
     "DraftModel",
+    "DraftPair",
     "MTPDrafter",
     "MTPLayer",
     "SpecStats",

@@ -19,6 +19,7 @@ the model's cache reuses at most as much of it as the drafter holds (``stream_ge
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from mlxllm.speculative.mtp import MTPLayer, new_cache
 
@@ -169,3 +170,38 @@ def make_drafter(model, tokenizer, draft=None, mtp: bool | None = None, mtp_head
             )
         return None
     return MTPDrafter(model, layer)
+
+
+class DraftPair(nn.Module):
+    """A model and its draft model as one for the serving engine: ``make_cache`` gives the
+    model's layer caches, then the draft's, and a call runs both on the same ids (the draft's
+    logits are not computed: nothing reads them), so the engine's batch caches, prefill, prefix
+    store and memory accounting carry the draft's cache along with the model's."""
+
+    def __init__(self, model, draft):
+        super().__init__()
+        self.target, self.draft = model, draft
+        self.n_target = len(model.layers)
+
+    @property
+    def config(self):
+        return self.target.config
+
+    @property
+    def layers(self):
+        return self.target.layers
+
+    def make_cache(self):
+        return self.target.make_cache() + self.draft.make_cache()
+
+    def split(self, cache) -> tuple[list, list]:
+        return cache[: self.n_target], cache[self.n_target :]
+
+    def __call__(self, ids: mx.array, cache=None) -> mx.array:
+        mine, theirs = self.split(cache) if cache is not None else (None, None)
+        self.draft.model(ids, cache=theirs)  # the draft's cache only
+        return self.target(ids, cache=mine)
+
+    def max_queries(self, offset: int, batch: int = 1):
+        limit = getattr(self.target, "max_queries", None)
+        return limit(offset, batch) if limit is not None else None
