@@ -446,6 +446,8 @@ def serve(
     ),
     dtype: str | None = Dtype,
     adapter: str | None = Adapter,
+    draft_model: str | None = DraftModelOpt,
+    num_draft: int = NumDraft,
 ):
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
     /v1/models, /health)."""
@@ -465,9 +467,18 @@ def serve(
         default = None
         if model is not None:
             m, tok = _load(model, dtype)
-            default = Served(model, _apply_adapter(m, adapter), tok, max_batch=max_batch)
-        elif adapter is not None:
-            _fail("--adapter needs MODEL (the model it adapts)")
+            spec = {}
+            if draft_model is not None:
+                from mlxllm.speculative.drafters import check_same_vocabulary
+
+                if num_draft < 1:
+                    _fail(f"--num-draft {num_draft}: use 1 or more")
+                d, dtok = _load(draft_model, dtype)
+                check_same_vocabulary(tok, dtok)
+                spec = {"draft": d, "num_draft": num_draft}
+            default = Served(model, _apply_adapter(m, adapter), tok, max_batch=max_batch, **spec)
+        elif adapter is not None or draft_model is not None:
+            _fail("--adapter and --draft-model need MODEL (the model they go with)")
         import mlx.core as mx
 
         compute = getattr(mx, dtype) if dtype else None

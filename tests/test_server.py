@@ -578,16 +578,17 @@ def test_unloading_counts_caches_not_only_weights(tmp_path):
     assert asyncio.run(scenario()) == [str(other)]
 
 
-def test_mlxllm_serve_answers_and_ctrl_c_shuts_down_cleanly():
-    """The real command: `mlxllm serve MODEL` answers on 127.0.0.1, and SIGINT (Ctrl-C) ends it
-    with status 0 and no traceback."""
+def test_mlxllm_serve_answers_and_ctrl_c_shuts_down_cleanly(smol):
+    """The real command: `mlxllm serve MODEL --draft-model M` answers on 127.0.0.1 (greedy: the
+    text of plain decoding), and SIGINT (Ctrl-C) ends it with status 0 and no traceback."""
     import signal
     import subprocess
     import sys
 
     port = _free_port()
     cmd = [sys.executable, "-m", "mlxllm.cli.main", "serve", str(fixture_model(SMOL)),
-           "--port", str(port), "--dtype", "float32"]  # fmt: skip
+           "--port", str(port), "--dtype", "float32", "--draft-model",
+           str(fixture_model(SMOL)), "--num-draft", "2"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(600):
@@ -599,8 +600,9 @@ def test_mlxllm_serve_answers_and_ctrl_c_shuts_down_cleanly():
                 time.sleep(0.1)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
                                max_retries=0)  # fmt: skip
-        got = client.chat.completions.create(model=cmd[4], messages=QUESTION, max_tokens=4)
-        assert got.choices[0].message.content
+        got = client.chat.completions.create(model=cmd[4], messages=QUESTION, max_tokens=12,
+                                             temperature=0)  # fmt: skip
+        assert got.choices[0].message.content == generate(*smol, QUESTION, max_tokens=12)
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
