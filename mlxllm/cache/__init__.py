@@ -61,11 +61,33 @@ class KVCache(_Single):
     """
 
     step = 256
+    # a call of a few queries (a speculative verify, a short chunk) sees the keys up to the
+    # next multiple of ``step``, the rest masked: on CUDA, MLX compiles the attention of several
+    # queries for each key length (~70 ms for a 7B model), which at an exact length it would
+    # do on every verify call
+    window_queries = 16
 
     def __init__(self):
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
         self.offset = 0
+
+    def _bucket(self, L: int) -> int | None:
+        """Keys a call of ``L`` queries sees (None: exactly the written ones)."""
+        if not 1 < L <= self.window_queries:
+            return None
+        need = self.offset + L
+        n = -(-need // self.step) * self.step
+        if self.keys is not None and need <= self.keys.shape[2]:
+            n = min(n, self.keys.shape[2])  # a buffer loaded at its exact length
+        return n
+
+    def make_mask(self, L: int) -> str | mx.array | None:
+        n = self._bucket(L)
+        if n is None:
+            return super().make_mask(L)
+        q = mx.arange(self.offset, self.offset + L)[:, None]
+        return mx.arange(n)[None] <= q  # [L, n]: causal, and nothing past the written keys
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         B, n_kv, L, _ = keys.shape
@@ -81,10 +103,11 @@ class KVCache(_Single):
                 # drop the unused tail before growing so the buffer stays [0, offset) + block
                 self.keys = mx.concatenate([self.keys[..., : self.offset, :], k_blk], axis=2)
                 self.values = mx.concatenate([self.values[..., : self.offset, :], v_blk], axis=2)
+        n = self._bucket(L) or need
         self.keys[..., self.offset : need, :] = keys
         self.values[..., self.offset : need, :] = values
         self.offset = need
-        return self.keys[..., :need, :], self.values[..., :need, :]
+        return self.keys[..., :n, :], self.values[..., :n, :]
 
     @property
     def state(self) -> list[mx.array]:

@@ -164,9 +164,18 @@ def speculative_generate_step(
         ids = mx.concatenate([mx.array([y], dtype=mx.int32), drafts])[None]
         h = model.model(ids, cache=cache)  # [1, k + 1, D]
         logits = model.head(h)[0]
-        mx.eval(drafts, logits, *(() if q is None else (q,)))
-        drafts = drafts.tolist()
-        a, t = accept(drafts, rows(logits, drafts), q, keys())
+        if greedy and not processors:  # one sync: the drafts and the model's argmax
+            best = mx.argmax(logits, axis=-1)
+            mx.eval(drafts, best)
+            drafts, best = drafts.tolist(), best.tolist()
+            a = 0
+            while a < k and drafts[a] == best[a]:
+                a += 1
+            t = best[a]
+        else:
+            mx.eval(drafts, logits, *(() if q is None else (q,)))
+            drafts = drafts.tolist()
+            a, t = accept(drafts, rows(logits, drafts), q, keys())
         for c in cache:
             c.trim(k - a)
         drafter.commit(k, a, h[:, : a + 1], [*drafts[:a], t])
