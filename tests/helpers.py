@@ -153,3 +153,14 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
         for _ in range(n):
             seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
     return seq[len(ids) :]
+
+
+def quantized_copy(model, bits: int = 4, group_size: int = 32):
+    """A quantized copy of a built model (the same arrays, then quantized): the same
+    vocabulary and close, not equal, predictions (a speculative draft)."""
+    from mlxllm.quant import make_predicate, quantize_model
+
+    q = type(model)(model.config)
+    q.update(model.parameters())
+    quantize_model(q, make_predicate(bits=bits, group_size=group_size))
+    return q

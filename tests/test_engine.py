@@ -16,7 +16,7 @@ import pytest
 from test_deepseek import make_tiny_deepseek
 from test_moe_qwen import _make_tiny as make_tiny_moe
 
-from helpers import QWEN, SMOL, fixture_model, make_tiny_hf
+from helpers import QWEN, SMOL, fixture_model, make_tiny_hf, quantized_copy
 from mlxllm import load
 from mlxllm.cache import KVCache
 from mlxllm.cache.batch import BatchKVCache, batch_caches
@@ -229,15 +229,6 @@ def test_requests_sharing_a_new_prefix_compute_it_once(models, family):
     assert reasons == {follow: "cancelled", lead: "length", busy: "length"}
 
 
-def _quantized(model):
-    from mlxllm.quant import make_predicate, quantize_model
-
-    q = type(model)(model.config)
-    q.update(model.parameters())
-    quantize_model(q, make_predicate(bits=4, group_size=32))
-    return q
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_speculative_engine_equals_alone(models, family):
     """A draft model (the model's 4-bit copy) in the engine, batching on: requests of several
@@ -245,7 +236,7 @@ def test_speculative_engine_equals_alone(models, family):
     window), one with logprobs, a second round from the prefix store; every greedy output
     equals the request alone, and fewer steps than tokens ran."""
     model = models[family]
-    engine = Engine(model, memory_budget=BUDGET, prefill_chunk=16, draft=_quantized(model),
+    engine = Engine(model, memory_budget=BUDGET, prefill_chunk=16, draft=quantized_copy(model),
                     num_draft=3)  # fmt: skip
     prompts = [_prompt(40 + i, n) for i, n in enumerate([5, 23, 40, 11])]
     reqs = [Request(p, max_tokens=18) for p in prompts]
@@ -278,7 +269,7 @@ def test_speculative_engine_samples_the_models_distribution(models):
     first = np.flatnonzero(np.array(p1) > 0)
     p2 = probs(model(mx.array([prompt + [int(t)] for t in first]))[:, -1])
     exact = np.array(p1)[first] @ np.array(p2)
-    engine = Engine(model, memory_budget=BUDGET, draft=_quantized(model), num_draft=2,
+    engine = Engine(model, memory_budget=BUDGET, draft=quantized_copy(model), num_draft=2,
                     max_batch=64, prefix_cache_bytes=0, max_queued=1000)  # fmt: skip
     reqs = [Request(prompt, max_tokens=2, temperature=1.0, top_k=5, seed=i) for i in range(600)]
     got = _run(engine, reqs)

@@ -1,3 +1,4 @@
+# ruff: noqa: F811 (tests take the imported ``models`` fixture by name)
 """Speculative decoding (mlxllm/speculative): lossless against plain decoding, the sampling
 distribution against the model's exact one, the MTP layer against the equations.
 
@@ -12,15 +13,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from test_deepseek import make_tiny_deepseek
-from test_moe_qwen import _make_tiny as make_tiny_moe
+from test_engine import FAMILIES, models  # noqa: F401 (the fixture: tiny models per family)
 
-from helpers import QWEN, SMOL, fixture_model, make_tiny_hf
+from helpers import QWEN, SMOL, fixture_model, quantized_copy
 from mlxllm import generate, load
 from mlxllm.generation.sample import repetition_penalty
 from mlxllm.generation.step import generate_step
 from mlxllm.loader import load_model
 from mlxllm.models.base import DecoderBlock
-from mlxllm.quant import make_predicate, quantize_model
 from mlxllm.speculative import (
     DraftModel,
     MTPDrafter,
@@ -34,32 +34,9 @@ from mlxllm.speculative import (
 )
 from mlxllm.speculative.mtp import new_cache
 
-FAMILIES = ["dense", "qwen2_moe", "deepseek-v2-lite", "deepseek-v3"]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    out = {}
-    for name in FAMILIES:
-        folder = tmp_path_factory.mktemp(name)
-        if name == "dense":
-            make_tiny_hf("qwen2-untied", folder, seed=3, tokenizer=False)
-        elif name == "qwen2_moe":
-            make_tiny_moe("qwen2_moe", folder, seed=1)
-        elif name == "deepseek-v2-lite":
-            make_tiny_deepseek("v2-lite", folder, seed=2)
-        else:
-            make_tiny_deepseek("v3-yarn", folder, seed=3)
-        out[name] = load_model(folder, dtype=mx.float32)
-    return out
-
 
 def _quantized(model, bits=4, group_size=32):
-    """A quantized copy: the same vocabulary and close, not equal, predictions (a draft)."""
-    q = type(model)(model.config)
-    q.update(model.parameters())  # the same arrays; quantizing makes new ones
-    quantize_model(q, make_predicate(bits=bits, group_size=group_size))
-    return q
+    return quantized_copy(model, bits, group_size)
 
 
 def _prompt(seed: int, n: int, vocab: int) -> list[int]:

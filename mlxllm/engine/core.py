@@ -718,14 +718,8 @@ class Engine:
                 continue
             lp = self._window_logprobs(s, logits[b], j[b], new[b])
             for i, token in enumerate(new[b]):
-                s.generated.append(token)
-                self.stats.generated_tokens += 1
-                reason = None
-                if token in s.stop_ids:
-                    reason = "stop"
-                elif len(s.generated) >= s.req.max_tokens:
-                    reason = "length"
-                ev = self._event(s, token, reason)
+                ev = self._take(s, token)
+                reason = ev.finish_reason
                 if lp is not None:
                     ev.logprob, ev.top_logprobs = lp[i]
                 events.append(ev)
@@ -779,16 +773,9 @@ class Engine:
         for i, s in enumerate(rows):
             if s.finished:
                 continue  # cancelled or ended after this call was queued
-            token = ids[i]
             s.unread -= 1
-            s.generated.append(token)
-            self.stats.generated_tokens += 1
-            reason = None
-            if token in s.stop_ids:
-                reason = "stop"
-            elif len(s.generated) >= s.req.max_tokens:
-                reason = "length"
-            ev = self._event(s, token, reason)
+            ev = self._take(s, ids[i])
+            reason = ev.finish_reason
             if lp is not None and s.req.logprobs is not None:
                 ev.logprob = chosen[i]
                 n = s.req.logprobs
@@ -798,6 +785,17 @@ class Engine:
                 s.finished = True
                 ended.append(s)
         self._retire([s for s in ended if s in self.rows], store=True)
+
+    def _take(self, s: _Seq, token: int) -> Event:
+        """``token`` joins the row's output; its event says whether it ends the request."""
+        s.generated.append(token)
+        self.stats.generated_tokens += 1
+        reason = None
+        if token in s.stop_ids:
+            reason = "stop"
+        elif len(s.generated) >= s.req.max_tokens:
+            reason = "length"
+        return self._event(s, token, reason)
 
     def _event(self, s: _Seq, token, reason, error=None) -> Event:
         return Event(
