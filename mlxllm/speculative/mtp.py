@@ -23,6 +23,7 @@ from mlxllm.errors import MlxllmError
 from mlxllm.models.base import DecoderBlock, attention_mask
 
 FORMAT = "mlxllm-mtp-head"
+SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "vocab_size")  # config fields a head records
 
 
 class SharedHead(nn.Module):
@@ -89,9 +90,13 @@ def from_checkpoint(model) -> MTPLayer | None:
 
 
 def save_head(layer: MTPLayer, path, metadata: dict | None = None) -> None:
-    """One safetensors file: the layer's parameters under their checkpoint names."""
+    """One safetensors file: the layer's parameters under their checkpoint names, written to a
+    temp file and renamed. ``metadata`` may name the base model (``model``) and its
+    ``SHAPE_KEYS``, which ``load_head`` then checks."""
+    from mlxllm.lora.layers import atomic_save_safetensors
+
     meta = {"format": FORMAT, **{k: str(v) for k, v in (metadata or {}).items()}}
-    mx.save_safetensors(str(path), dict(tree_flatten(layer.parameters())), metadata=meta)
+    atomic_save_safetensors(path, dict(tree_flatten(layer.parameters())), meta)
 
 
 def load_head(model, path) -> MTPLayer:
@@ -105,13 +110,21 @@ def load_head(model, path) -> MTPLayer:
         raise MlxllmError(
             f"{path} is not an MTP head file (train one with `mlxllm finetune --mtp`)"
         )
+    trained_for = meta.get("model", "another model")
+    for key in SHAPE_KEYS:
+        mine = getattr(model.config, key, None)
+        if key in meta and mine is not None and meta[key] != str(mine):
+            raise MlxllmError(
+                f"MTP head {path} was trained for {trained_for} ({key} {meta[key]}), not for "
+                f"this model ({key} {mine}); train one with `mlxllm finetune MODEL --mtp`"
+            )
     layer = mtp_layer(model)
     want = dict(tree_flatten(layer.parameters()))
     wrong = sorted(k for k in want if k not in weights or weights[k].shape != want[k].shape)
     if wrong:
         raise MlxllmError(
             f"MTP head {path} does not fit this model ({wrong[0]} differs); it was trained for "
-            f"{meta.get('model', 'another model')}"
+            f"{trained_for}"
         )
     layer.load_weights(list(weights.items()), strict=True)
     layer.set_dtype(model.model.norm.weight.dtype)
