@@ -321,10 +321,21 @@ def convert(
     typer.echo(f"wrote {path}")
 
 
+# finetune options that only a LoRA run reads: refused with --mtp when given
+LORA_ONLY = ("adapter_path", "rank", "scale", "dropout", "num_layers", "dora", "targets",
+             "grad_checkpoint", "compiled")  # fmt: skip
+
+
 @app.command()
 def finetune(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help=MODEL_HELP),
-    data: str = typer.Option(..., "--data", help="Folder with train.jsonl and valid.jsonl."),
+    data: str = typer.Option(
+        ...,
+        "--data",
+        help="Folder with train.jsonl and valid.jsonl; with --mtp also a folder of text files "
+        "(.txt .md .rst .py) or one text file.",
+    ),
     iters: int = typer.Option(1000, "--iters", help="Optimizer steps."),
     batch_size: int = typer.Option(4, "--batch-size", help="Examples per batch."),
     learning_rate: float = typer.Option(1e-5, "--learning-rate", help="Peak learning rate."),
@@ -340,12 +351,18 @@ def finetune(
         help="Comma-separated projections to adapt (add gate_proj,up_proj,down_proj for the "
         "MLP or a MoE's experts).",
     ),
-    resume: bool = typer.Option(False, "--resume", help="Continue from --adapter-path."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue from --adapter-path (--mtp: --mtp-head-path)."
+    ),
     force: bool = typer.Option(
-        False, "--force", help="Replace a trained adapter in --adapter-path (else refused)."
+        False,
+        "--force",
+        help="Replace a trained adapter in --adapter-path (--mtp: the head; else refused).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seeds adapter init, data order and dropout."),
-    max_seq_length: int = typer.Option(2048, "--max-seq-length", help="Truncate examples."),
+    max_seq_length: int = typer.Option(
+        2048, "--max-seq-length", help="Truncate examples (--mtp: cut them into pieces)."
+    ),
     save_every: int = typer.Option(100, "--save-every", help="Steps between checkpoints."),
     eval_every: int = typer.Option(200, "--eval-every", help="Steps between validations."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per step."),
@@ -358,25 +375,37 @@ def finetune(
     ),
     compiled: bool = typer.Option(True, "--compile/--no-compile", help="Compile the step."),
     dtype: str | None = Dtype,
+    mtp: bool = typer.Option(
+        False,
+        "--mtp",
+        help="Train an MTP head (a draft layer for speculative decoding) on the frozen model "
+        "instead of a LoRA adapter.",
+    ),
+    mtp_head_path: str | None = typer.Option(
+        None,
+        "--mtp-head-path",
+        help="With --mtp: the head file (default mtp_head.safetensors; its checkpoint and log "
+        "are written beside it).",
+    ),
 ):
-    """Train a LoRA (QLoRA on a quantized model, DoRA with --dora) adapter."""
-    interrupted = f"interrupted; the last checkpoint in {adapter_path} is intact (--resume)"
+    """Train a LoRA (QLoRA on a quantized model, DoRA with --dora) adapter, or with --mtp an
+    MTP head for speculative decoding."""
+    if mtp:
+        # by name: Typer vendors its own click, whose ParameterSource is not click's
+        sources = {n: getattr(ctx.get_parameter_source(n), "name", "DEFAULT") for n in LORA_ONLY}
+        given = [n for n, src in sources.items() if src not in ("DEFAULT", "DEFAULT_MAP")]
+        if given:
+            flag = next(o for p in ctx.command.params if p.name == given[0] for o in p.opts)
+            _fail(f"{flag} is a LoRA option; --mtp trains no adapter (see --mtp-head-path)")
+    elif mtp_head_path is not None:
+        _fail("--mtp-head-path names the output of --mtp; add --mtp or drop it")
+    out = (mtp_head_path or "mtp_head.safetensors") if mtp else adapter_path
+    interrupted = f"interrupted; the last checkpoint of {out} is intact (--resume)"
     with _user_errors(interrupted):
         _check_dtype(dtype)
         import mlx.core as mx
 
-        from mlxllm.lora.train import finetune as run_finetune
-
-        run_finetune(
-            model,
-            data,
-            adapter_path=adapter_path,
-            rank=rank,
-            scale=scale,
-            dropout=dropout,
-            num_layers=num_layers if num_layers > 0 else None,
-            dora=dora,
-            targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+        common = dict(
             seed=seed,
             dtype=getattr(mx, dtype) if dtype else None,
             iters=iters,
@@ -389,9 +418,28 @@ def finetune(
             warmup=warmup,
             max_seq_length=max_seq_length,
             mask_prompt=mask_prompt,
+            force=force,
+        )
+        if mtp:
+            from mlxllm.speculative.train import finetune as run_mtp
+
+            run_mtp(model, data, mtp_head_path=out, **common)
+            return
+        from mlxllm.lora.train import finetune as run_finetune
+
+        run_finetune(
+            model,
+            data,
+            adapter_path=adapter_path,
+            rank=rank,
+            scale=scale,
+            dropout=dropout,
+            num_layers=num_layers if num_layers > 0 else None,
+            dora=dora,
+            targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
             grad_checkpoint=grad_checkpoint,
             compiled=compiled,
-            force=force,
+            **common,
         )
 
 
