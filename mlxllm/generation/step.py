@@ -32,7 +32,12 @@ Progress = Callable[[int, int, float], None]  # (tokens done, tokens in all, sec
 
 
 def prefill(
-    model, ids: list[int], cache, chunk: int = 512, progress: Progress | None = None
+    model,
+    ids: list[int],
+    cache,
+    chunk: int = 512,
+    progress: Progress | None = None,
+    on_hidden: Callable | None = None,
 ) -> None:
     """Run ``ids`` through the model into ``cache`` in chunks of at most ``chunk`` tokens.
 
@@ -43,7 +48,9 @@ def prefill(
     measured speed so that each chunk takes about ``PREFILL_SECONDS`` (at least
     ``MIN_PREFILL_CHUNK``, at most doubling per step): an interrupt is answered and
     ``progress(done, total, seconds)`` is called about that often, on a slow CPU as on a GPU
-    (where it stays at ``chunk``).
+    (where it stays at ``chunk``). ``on_hidden(start, end, hidden)``, when given, gets the
+    model's final hidden states of each chunk (a speculative drafter's prefill) and returns
+    arrays to evaluate with the cache.
     """
     limit = getattr(model, "max_queries", None)
     done, size, t0 = 0, min(chunk, 4 * MIN_PREFILL_CHUNK), time.perf_counter()
@@ -53,10 +60,15 @@ def prefill(
         if limit is not None:
             n = min(n, limit(cache[0].offset) or n)
         piece = ids[done : done + n]
-        model(mx.array(piece)[None], cache=cache)
+        extra = []
+        if on_hidden is None:
+            model(mx.array(piece)[None], cache=cache)
+        else:
+            h = model.model(mx.array(piece)[None], cache=cache)
+            extra = on_hidden(done, done + len(piece), h)
         # evaluate the cache now so the graph of the next chunk stays small and the scores of
         # this chunk are freed before the next is built
-        mx.eval([c.state for c in cache])
+        mx.eval([c.state for c in cache], extra)
         done += len(piece)
         now = time.perf_counter()
         if progress is not None:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 import mlx.core as mx
 
 from mlxllm.generation.sample import distribution
-from mlxllm.generation.step import MIN_PREFILL_CHUNK, PREFILL_SECONDS, Progress, StepStats
+from mlxllm.generation.step import Progress, StepStats, prefill
 
 
 @dataclasses.dataclass
@@ -141,7 +141,14 @@ def speculative_generate_step(
         return mx.stack(out)
 
     drafter.begin(prompt_ids)
-    _prefill(model, drafter, prompt_ids, cache, prefill_chunk, progress)
+
+    # the model's hidden states of each prompt chunk go to the drafter (an MTP drafter's
+    # cache needs them)
+    def to_drafter(start: int, end: int, hidden: mx.array):
+        drafter.prefill(prompt_ids, start, end, hidden)
+        return drafter.state()
+
+    prefill(model, prompt_ids[:-1], cache, prefill_chunk, progress, on_hidden=to_drafter)
     y, produced = prompt_ids[-1], 0
     h = model.model(mx.array([[y]]), cache=cache)
     p = rows(model.head(h)[0], [])[0]
@@ -181,26 +188,3 @@ def speculative_generate_step(
         drafter.commit(k, a, h[:, : a + 1], [*drafts[:a], t])
         stats.record(k, a)
         pending = [*drafts[:a], t]
-
-
-def _prefill(model, drafter, ids: list[int], cache, chunk: int, progress) -> None:
-    """``generate_step.prefill`` for the model and the drafter together: the model's hidden
-    states of each chunk go to the drafter (an MTP drafter's cache needs them)."""
-    body = ids[:-1]
-    limit = getattr(model, "max_queries", None)
-    done, size, t0 = 0, min(chunk, 4 * MIN_PREFILL_CHUNK), time.perf_counter()
-    while done < len(body):
-        t = time.perf_counter()
-        n = size
-        if limit is not None:
-            n = min(n, limit(cache[0].offset) or n)
-        end = min(done + n, len(body))
-        h = model.model(mx.array(body[done:end])[None], cache=cache)
-        drafter.prefill(ids, done, end, h)
-        mx.eval([c.state for c in cache], drafter.state())
-        piece, done = end - done, end
-        now = time.perf_counter()
-        if progress is not None:
-            progress(done, len(body), now - t0)
-        fit = int(piece * PREFILL_SECONDS / max(now - t, 1e-6))
-        size = max(MIN_PREFILL_CHUNK, min(chunk, 2 * size, fit))
