@@ -136,6 +136,79 @@ def test_batch_cache_rows_leave_and_join():
     assert isinstance(b, BatchKVCache)
 
 
+def test_bucketed_keys_are_the_exact_attention():
+    """``bucket_keys``: a call of several queries gets the keys up to the end of the buffer (a
+    multiple of the block) and a mask that hides the rest; attention is unchanged."""
+    rng = np.random.default_rng(1)
+
+    def rand(*shape):
+        return mx.array(rng.standard_normal(shape), mx.float32)
+
+    rows = []
+    for n in (3, 9):
+        c = KVCache()
+        c.update_and_fetch(rand(1, 2, n, 4), rand(1, 2, n, 4))
+        rows.append([c])
+    exact, bucketed = batch_caches(rows), batch_caches(rows)
+    bucketed[0].bucket_keys = True
+    q, k, v = rand(2, 4, 5, 4), rand(2, 2, 5, 4), rand(2, 2, 5, 4)
+    out = []
+    for (cache,) in (exact, bucketed):
+        mask = cache.make_mask(5)
+        keys, values = cache.update_and_fetch(k, v)
+        out.append(mx.fast.scaled_dot_product_attention(q, keys, values, scale=0.5, mask=mask))
+        assert mask.shape[-1] == keys.shape[2]
+    assert exact[0].update_and_fetch(k[:, :, :1], v[:, :, :1])[0].shape[2] == 15
+    assert bucketed[0].make_mask(5).shape[-1] == 256 and bucketed[0].offset == 14
+    np.testing.assert_allclose(np.array(out[1]), np.array(out[0]), rtol=1e-5, atol=1e-6)
+    # one query (decode) still sees exactly the written keys
+    assert bucketed[0].update_and_fetch(k[:, :, :1], v[:, :, :1])[0].shape[2] == 15
+
+
+class _Shapes:
+    """The model with every call's input shape recorded."""
+
+    def __init__(self, model):
+        self.inner, self.calls = model, []
+
+    def __call__(self, ids, cache=None):
+        self.calls.append(ids.shape)
+        return self.inner(ids, cache=cache)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shape_buckets_change_no_token(models, family):
+    """``shape_buckets`` (CUDA's default) on the CPU: prefill chunks padded at the end to a
+    bucket (the padding trimmed from the cache), keys up to the buffer's end; prompts of
+    several lengths, batched, one joining, a second round from the prefix store, and a draft
+    model's windows: every output equals the request alone, and the prefill calls had bucket
+    widths only."""
+    model = models[family]
+    spy = _Shapes(model)
+    kw = dict(memory_budget=BUDGET, prefill_chunk=128, shape_buckets=True, allow_long_prompt=True)
+    engine = Engine(spy, **kw)
+    prompts = [_prompt(60 + i, n) for i, n in enumerate([5, 23, 150, 70, 190])]
+    reqs = [Request(p, max_tokens=8) for p in prompts]
+    late = Request(_prompt(70, 41), max_tokens=6)
+    got = _run(engine, reqs, joins=[(2, late)])
+    again = Request(prompts[2] + tokens_of(got[2])[:5] + _prompt(71, 9), max_tokens=6)
+    got += _run(engine, [again])
+    for r, evs in zip([*reqs, late, again], got, strict=True):
+        assert tokens_of(evs) == _alone(model, r.prompt, r.max_tokens)
+    assert got[-1][-1].cached_tokens > 150
+    widths = {shape[1] for shape in spy.calls if shape[1] > 1}
+    assert widths and all(w % 64 == 0 for w in widths), widths
+    assert engine.stats.prefill_tokens == sum(len(r.prompt) - 1 for r in [*reqs, late]) + (
+        len(again.prompt) - 1 - got[-1][-1].cached_tokens
+    )
+    pair = Engine(model, draft=quantized_copy(model), num_draft=3, **kw)
+    for r, evs in zip(reqs, _run(pair, reqs), strict=True):
+        assert tokens_of(evs) == _alone(model, r.prompt, r.max_tokens)
+
+
 @pytest.mark.parametrize("family", ["dense", "deepseek-v2-lite"])
 def test_seeded_sampling_equals_alone(models, family):
     """With a seed per request, sampled tokens do not depend on what runs beside them; greedy

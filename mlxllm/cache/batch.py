@@ -26,6 +26,11 @@ class _BatchCache:
 
     step = 256
     _last_position: tuple = (None, None)
+    # a call of several queries sees the keys up to the end of the buffer (a multiple of
+    # ``step``), the rest masked: on CUDA, MLX builds the attention of each new query/key shape
+    # once (a cuDNN graph, ~70 ms for a 7B model), which at exact lengths a server pays on
+    # nearly every request; the engine turns this on there (``BatchKVCache`` honours it)
+    bucket_keys = False
 
     def __init__(self, buffers: list[mx.array], left: list[int], offset: int):
         self.buffers = buffers  # each [B, heads, capacity >= offset, width]
@@ -67,9 +72,10 @@ class _BatchCache:
         """``L`` new queries after ``offset`` positions: ``[B, 1, L, offset + L]`` booleans (a
         key is visible if it is not padding and not in the future), or the plain forms when no
         row is padded."""
-        if not any(self.left):
+        S = self._key_span(L)
+        if not any(self.left) and S == self.offset + L:
             return "causal" if L > 1 else None
-        keys = mx.arange(self.offset + L)
+        keys = mx.arange(S)
         queries = mx.arange(self.offset, self.offset + L)[:, None]  # [L, 1]
         visible = keys[None] >= mx.array(self.left)[:, None]  # [B, S]
         # a query in a row's padding (a batched prefill) sees itself: a row of nothing but
@@ -78,6 +84,10 @@ class _BatchCache:
         if L > 1:
             visible = visible & (keys[None] <= queries)[None, None]
         return visible
+
+    def _key_span(self, L: int) -> int:
+        """Keys that a call of ``L`` new queries sees (the written ones, unless bucketed)."""
+        return self.offset + L
 
     def _write(self, parts: list[mx.array]) -> int:
         """Append ``parts`` (each ``[B, heads, L, width_i]`` laid side by side along the width
@@ -167,14 +177,23 @@ def _pad_left(a: mx.array, n: int) -> mx.array:
 class BatchKVCache(_BatchCache):
     """Batched ``KVCache``: ``buffers = [keys, values]``."""
 
+    def _key_span(self, L: int) -> int:
+        need = self.offset + L
+        if not (self.bucket_keys and L > 1):
+            return need
+        # the buffer's capacity after the write (``_grow`` keeps it a multiple of ``step``)
+        cap = self.buffers[0].shape[2] if self.buffers else 0
+        return cap if need <= cap else -(-need // self.step) * self.step
+
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         B, n_kv, L, _ = keys.shape
         widths = [(n_kv, keys.shape[3]), (n_kv, values.shape[3])]
+        span = self._key_span(L)
         need = self._grow(L, keys.dtype, widths)
         self.buffers[0][:, :, self.offset : need] = keys
         self.buffers[1][:, :, self.offset : need] = values
         self.offset = need
-        return self.buffers[0][:, :, :need], self.buffers[1][:, :, :need]
+        return self.buffers[0][:, :, :span], self.buffers[1][:, :, :span]
 
 
 class BatchLatentCache(_BatchCache):

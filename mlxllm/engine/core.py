@@ -39,6 +39,20 @@ from mlxllm.models.base import context_length
 FOLLOW_MIN = 64  # shared uncached prompt tokens that make a request wait for another's prefill
 
 
+def query_bucket(n: int) -> int:
+    """Queries of a prefill call of ``n`` positions when shapes are bucketed: a multiple of 64
+    up to 512, of 256 beyond (at most 63 or 255 padding queries; 14 sizes up to 2048)."""
+    q = 64 if n <= 512 else 256
+    return -(-n // q) * q
+
+
+def _floor_bucket(n: int) -> int:
+    """The largest bucket size not above ``n`` (``n`` itself below the smallest)."""
+    if n < 64:
+        return n
+    return n // 64 * 64 if n < 768 else n // 256 * 256
+
+
 class QueueFull(MlxllmError):
     """The engine's waiting queue is full: retry later or raise ``max_queued``."""
 
@@ -180,7 +194,7 @@ class _Prefill:
         self.seqs.append(seq)
         self.states.append(states)
 
-    def build(self, model, stats: EngineStats) -> None:
+    def build(self, model, stats: EngineStats, bucket_keys: bool = False) -> None:
         """The batch caches: every row's reused prefix, right-aligned (see class doc)."""
         R = max(self._remaining(self.seqs))
         rows, reuse = [], []
@@ -196,6 +210,8 @@ class _Prefill:
             rows.append(caches)
             reuse.append(keep)
         self.caches = batch_caches(rows)
+        for c in self.caches:
+            c.bucket_keys = bucket_keys
         S = self.caches[0].offset
         left = [S - k if k else S + R - (len(s.req.prompt) - 1)
                 for k, s in zip(reuse, self.seqs, strict=True)]  # fmt: skip
@@ -260,6 +276,12 @@ class Engine:
         allow_long_prompt: admit prompts longer than the model's context.
         draft: a draft model (same tokenizer) for speculative decoding of every request,
             ``num_draft`` tokens per row and step, batched (see ``_speculate``).
+        shape_buckets: give model calls of several positions shapes from a small set: prefill
+            chunks padded at the end to ``query_bucket`` queries (the padding's cache writes
+            are trimmed) and attention over the keys up to the end of the cache buffer (the
+            rest masked). The output is the same; what it saves is MLX's per-shape set-up on
+            CUDA (~70 ms per new shape for a 7B model: a cuDNN attention graph and more),
+            paid on nearly every request at exact shapes. Default: on under CUDA only.
     """
 
     def __init__(
@@ -276,7 +298,13 @@ class Engine:
         allow_long_prompt: bool = False,
         draft=None,
         num_draft: int = 3,
+        shape_buckets: bool | None = None,
     ):
+        if shape_buckets is None:
+            from mlxllm.kernels import on_cuda
+
+            shape_buckets = on_cuda()
+        self.shape_buckets = shape_buckets
         if prefill_chunk is None:
             prefill_chunk = 2048 if mx.default_device() == mx.gpu else 512
         if min(max_batch, prefill_chunk, prefill_batch) < 1 or max_queued < 0:
@@ -532,7 +560,7 @@ class Engine:
                 return  # the running streams get their next token first
             group = self._prefilling[0]
             if group.caches is None:
-                group.build(self.model, self.stats)
+                group.build(self.model, self.stats, self.shape_buckets)
             if group.todo > 0:
                 # idle: up to prefill_chunk positions of every row (nobody waits; the memory
                 # bound is the model's max_queries), else prefill_chunk tokens in all
@@ -548,16 +576,26 @@ class Engine:
         position); returns the tokens computed, pads included."""
         G = len(group.seqs)
         n = min(group.todo, max(1, budget // G))
-        limit = getattr(self.model, "max_queries", None)
-        if limit is not None:
-            n = min(n, limit(group.offset, G) or n)
-        ids = mx.array(group.window(n), dtype=mx.int32)  # [G, n]
+        cap = getattr(self.model, "max_queries", None)
+        limit = (cap(group.offset, G) if cap is not None else None) or float("inf")
+        n = min(n, limit)
+        run = n
+        if self.shape_buckets:
+            if n < group.todo:  # more chunks follow: this one ends on a bucket
+                n = run = _floor_bucket(n)
+            elif query_bucket(n) <= limit:  # the last: padded up to one, the padding trimmed
+                run = query_bucket(n)
+        ids = group.window(n)
+        ids = mx.array([r + [0] * (run - n) for r in ids], dtype=mx.int32)  # [G, run]
         self.model(ids, cache=group.caches)
+        if run > n:
+            for c in group.caches:
+                c.trim(run - n)
         # evaluate per chunk: bounds the activations to one chunk and frees them before the
         # next step's decode call
         mx.eval([c.state for c in group.caches])
         self.stats.prefill_tokens += group.real_tokens(n)
-        return G * n
+        return G * run
 
     def _release(self, group: _Prefill) -> None:
         """The group's followers go back to the front of the queue, in their order."""
