@@ -387,6 +387,12 @@ def finetune(
         help="With --mtp: the head file (default mtp_head.safetensors; its checkpoint and log "
         "are written beside it).",
     ),
+    mtp_targets: str = typer.Option(
+        "model",
+        "--mtp-targets",
+        help="With --mtp: predict the model's own next choices (model: self-distillation, "
+        "what drafts are checked against) or the text's tokens (data).",
+    ),
 ):
     """Train a LoRA (QLoRA on a quantized model, DoRA with --dora) adapter, or with --mtp an
     MTP head for speculative decoding."""
@@ -399,6 +405,8 @@ def finetune(
             _fail(f"{flag} is a LoRA option; --mtp trains no adapter (see --mtp-head-path)")
     elif mtp_head_path is not None:
         _fail("--mtp-head-path names the output of --mtp; add --mtp or drop it")
+    elif mtp_targets != "model":
+        _fail("--mtp-targets is an --mtp option; add --mtp or drop it")
     out = (mtp_head_path or "mtp_head.safetensors") if mtp else adapter_path
     interrupted = f"interrupted; the last checkpoint of {out} is intact (--resume)"
     with _user_errors(interrupted):
@@ -423,7 +431,7 @@ def finetune(
         if mtp:
             from mlxllm.speculative.train import finetune as run_mtp
 
-            run_mtp(model, data, mtp_head_path=out, **common)
+            run_mtp(model, data, mtp_head_path=out, targets=mtp_targets, **common)
             return
         from mlxllm.lora.train import finetune as run_finetune
 
@@ -496,6 +504,8 @@ def serve(
     adapter: str | None = Adapter,
     draft_model: str | None = DraftModelOpt,
     num_draft: int = NumDraft,
+    mtp: bool | None = Mtp,
+    mtp_head: str | None = MtpHead,
 ):
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
     /v1/models, /health)."""
@@ -515,18 +525,20 @@ def serve(
         default = None
         if model is not None:
             m, tok = _load(model, dtype)
+            m = _apply_adapter(m, adapter)
+            drafter = _drafter(m, tok, draft_model, mtp, mtp_head, dtype, num_draft)
             spec = {}
-            if draft_model is not None:
-                from mlxllm.speculative.drafters import check_same_vocabulary
+            if drafter is not None:  # the engine drafts with the same model or layer, batched
+                from mlxllm.speculative import DraftModel
 
-                if num_draft < 1:
-                    _fail(f"--num-draft {num_draft}: use 1 or more")
-                d, dtok = _load(draft_model, dtype)
-                check_same_vocabulary(tok, dtok)
-                spec = {"draft": d, "num_draft": num_draft}
-            default = Served(model, _apply_adapter(m, adapter), tok, max_batch=max_batch, **spec)
-        elif adapter is not None or draft_model is not None:
-            _fail("--adapter and --draft-model need MODEL (the model they go with)")
+                if isinstance(drafter, DraftModel):
+                    spec = {"draft": drafter.model, "num_draft": num_draft}
+                else:
+                    spec = {"mtp": drafter.layer, "num_draft": num_draft}
+            default = Served(model, m, tok, max_batch=max_batch, **spec)
+        elif adapter or draft_model or mtp_head or mtp:
+            _fail("--adapter, --draft-model, --mtp and --mtp-head need MODEL (the model they go "
+                  "with)")  # fmt: skip
         import mlx.core as mx
 
         compute = getattr(mx, dtype) if dtype else None

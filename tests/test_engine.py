@@ -183,9 +183,9 @@ class _Shapes:
 def test_shape_buckets_change_no_token(models, family):
     """``shape_buckets`` (CUDA's default) on the CPU: prefill chunks padded at the end to a
     bucket (the padding trimmed from the cache), keys up to the buffer's end; prompts of
-    several lengths, batched, one joining, a second round from the prefix store, and a draft
-    model's windows: every output equals the request alone, and the prefill calls had bucket
-    widths only."""
+    several lengths, batched, one joining, a second round from the prefix store, and the
+    windows of a draft model and of an MTP layer: every output equals the request alone, and
+    the prefill calls had bucket widths only."""
     model = models[family]
     spy = _Shapes(model)
     kw = dict(memory_budget=BUDGET, prefill_chunk=128, shape_buckets=True, allow_long_prompt=True)
@@ -204,9 +204,10 @@ def test_shape_buckets_change_no_token(models, family):
     assert engine.stats.prefill_tokens == sum(len(r.prompt) - 1 for r in [*reqs, late]) + (
         len(again.prompt) - 1 - got[-1][-1].cached_tokens
     )
-    pair = Engine(model, draft=quantized_copy(model), num_draft=3, **kw)
-    for r, evs in zip(reqs, _run(pair, reqs), strict=True):
-        assert tokens_of(evs) == _alone(model, r.prompt, r.max_tokens)
+    for kind in ("draft", "mtp"):
+        pair = Engine(model, num_draft=3, **_drafting(model, kind), **kw)
+        for r, evs in zip(reqs, _run(pair, reqs), strict=True):
+            assert tokens_of(evs) == _alone(model, r.prompt, r.max_tokens), kind
 
 
 @pytest.mark.parametrize("family", ["dense", "deepseek-v2-lite"])
@@ -302,15 +303,30 @@ def test_requests_sharing_a_new_prefix_compute_it_once(models, family):
     assert reasons == {follow: "cancelled", lead: "length", busy: "length"}
 
 
+def _drafting(model, kind: str) -> dict:
+    """Engine arguments: the model's 4-bit copy as a draft model, or an MTP layer (the model's
+    last block copied into it, as ``finetune --mtp`` starts)."""
+    if kind == "draft":
+        return dict(draft=quantized_copy(model))
+    from mlxllm.speculative import mtp_layer
+    from mlxllm.speculative.train import copy_last_block
+
+    mx.random.seed(5)
+    layer = mtp_layer(model)
+    copy_last_block(model, layer)
+    return dict(mtp=layer)
+
+
+@pytest.mark.parametrize("kind", ["draft", "mtp"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_speculative_engine_equals_alone(models, family):
-    """A draft model (the model's 4-bit copy) in the engine, batching on: requests of several
-    lengths, one joining mid-way, one with a repetition penalty (decoded plainly inside the
-    window), one with logprobs, a second round from the prefix store; every greedy output
-    equals the request alone, and fewer steps than tokens ran."""
+def test_speculative_engine_equals_alone(models, family, kind):
+    """A draft model (the model's 4-bit copy) or an MTP layer in the engine, batching on:
+    requests of several lengths, one joining mid-way, one with a repetition penalty (decoded
+    plainly inside the window), one with logprobs, a second round from the prefix store; every
+    greedy output equals the request alone, and fewer steps than tokens ran."""
     model = models[family]
-    engine = Engine(model, memory_budget=BUDGET, prefill_chunk=16, draft=quantized_copy(model),
-                    num_draft=3)  # fmt: skip
+    engine = Engine(model, memory_budget=BUDGET, prefill_chunk=16, num_draft=3,
+                    **_drafting(model, kind))  # fmt: skip
     prompts = [_prompt(40 + i, n) for i, n in enumerate([5, 23, 40, 11])]
     reqs = [Request(p, max_tokens=18) for p in prompts]
     reqs[2] = Request(prompts[2], max_tokens=18, repetition_penalty=1.3)
@@ -326,6 +342,35 @@ def test_speculative_engine_equals_alone(models, family):
     again = _run(engine, [Request(prompts[1] + [7], max_tokens=10)])
     assert again[0][-1].cached_tokens > 0
     assert tokens_of(again[0]) == _alone(model, prompts[1] + [7], 10)
+
+
+@pytest.mark.parametrize("family", ["dense", "deepseek-v3"])
+def test_mtp_engine_caches_hold_the_committed_sequence(models, family):
+    """After MTP windows (drafts written, rejected ones trimmed, the window rewritten from the
+    model's hidden states), the stored caches of a finished request are those of one direct
+    pass over its committed tokens: the hidden-state cache the model's final hidden states, the
+    MTP layer's cache its entries for (hidden ``j - 1``, token ``j``), zeros before the first.
+    (This random head's drafts are all rejected; the trained head's in ``test_mtp_train`` are
+    kept.)"""
+    from mlxllm.speculative.mtp import new_cache
+
+    model = models[family]
+    spec = _drafting(model, "mtp")
+    engine = Engine(model, memory_budget=BUDGET, prefill_chunk=16, num_draft=3, **spec)
+    prompt = _prompt(44, 19)
+    (evs,) = _run(engine, [Request(prompt, max_tokens=24)])
+    ids = prompt + tokens_of(evs)[:-1]  # the last token is emitted, never fed
+    n, states = engine.store.lookup(ids)
+    assert n == len(ids)
+    x = mx.array([ids])
+    h = model.model(x)
+    layers = len(model.layers)
+    np.testing.assert_allclose(np.array(states[layers + 1][0][:, 0]), np.array(h), atol=1e-5)
+    direct = new_cache(model)
+    pairs = mx.concatenate([mx.zeros_like(h[:, :1]), h[:, :-1]], axis=1)
+    spec["mtp"](pairs, model.model.embed_tokens(x), cache=direct)
+    for got, want in zip(states[layers], direct.state, strict=True):
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-5)
 
 
 def test_speculative_engine_samples_the_models_distribution(models):

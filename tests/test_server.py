@@ -586,17 +586,26 @@ def test_unloading_counts_caches_not_only_weights(tmp_path):
     assert asyncio.run(scenario()) == [str(other)]
 
 
-def test_mlxllm_serve_answers_and_ctrl_c_shuts_down_cleanly(smol):
-    """The real command: `mlxllm serve MODEL --draft-model M` answers on 127.0.0.1 (greedy: the
-    text of plain decoding), and SIGINT (Ctrl-C) ends it with status 0 and no traceback."""
+@pytest.mark.parametrize("drafter", ["--draft-model", "--mtp-head"])
+def test_mlxllm_serve_answers_and_ctrl_c_shuts_down_cleanly(smol, drafter, tmp_path):
+    """The real command: `mlxllm serve MODEL --draft-model M` (or `--mtp-head FILE`) answers on
+    127.0.0.1 (greedy: the text of plain decoding), and SIGINT (Ctrl-C) ends it with status 0
+    and no traceback."""
     import signal
     import subprocess
     import sys
 
+    from mlxllm.speculative import mtp_layer, save_head
+    from mlxllm.speculative.train import model_metadata
+
+    given = str(fixture_model(SMOL))
+    if drafter == "--mtp-head":
+        given = str(tmp_path / "head.safetensors")
+        save_head(mtp_layer(smol[0]), given, model_metadata(smol[0]))
     port = _free_port()
     cmd = [sys.executable, "-m", "mlxllm.cli.main", "serve", str(fixture_model(SMOL)),
-           "--port", str(port), "--dtype", "float32", "--draft-model",
-           str(fixture_model(SMOL)), "--num-draft", "2"]  # fmt: skip
+           "--port", str(port), "--dtype", "float32", drafter, given,
+           "--num-draft", "2"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(600):

@@ -276,6 +276,8 @@ class Engine:
         allow_long_prompt: admit prompts longer than the model's context.
         draft: a draft model (same tokenizer) for speculative decoding of every request,
             ``num_draft`` tokens per row and step, batched (see ``_speculate``).
+        mtp: an MTP layer (``speculative.mtp``: a checkpoint's own or a trained head) to draft
+            with instead of a draft model.
         shape_buckets: give model calls of several positions shapes from a small set: prefill
             chunks padded at the end to ``query_bucket`` queries (the padding's cache writes
             are trimmed) and attention over the keys up to the end of the cache buffer (the
@@ -298,6 +300,7 @@ class Engine:
         allow_long_prompt: bool = False,
         draft=None,
         num_draft: int = 3,
+        mtp=None,
         shape_buckets: bool | None = None,
     ):
         if shape_buckets is None:
@@ -311,14 +314,17 @@ class Engine:
             raise InvalidArgument(
                 "max_batch, prefill_chunk and prefill_batch must be >= 1, max_queued >= 0"
             )
-        if draft is not None:
-            from mlxllm.speculative import DraftPair
+        speculate = draft is not None or mtp is not None
+        if speculate:
+            from mlxllm.speculative import DraftPair, MTPPair
 
             if num_draft < 1:
                 raise InvalidArgument(f"num_draft {num_draft}: use 1 or more")
-            model = DraftPair(model, draft)
+            if draft is not None and mtp is not None:
+                raise InvalidArgument("pass a draft model or an MTP layer, not both")
+            model = DraftPair(model, draft) if draft is not None else MTPPair(model, mtp)
         self.model = model
-        self.window = num_draft + 1 if draft is not None else 0  # positions per row and step
+        self.window = num_draft + 1 if speculate else 0  # positions per row and step
         self.eos = set(eos_token_ids)
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
@@ -689,14 +695,14 @@ class Engine:
         from mlxllm.speculative import accept
 
         rows, W = list(self.rows), self.window
-        main, draft = self.model.split(self._caches)
+        draft = self.model.split(self._caches)[1]
         j = [len(s.known) for s in rows]
         known = mx.array([s.known + [0] * (W - len(s.known)) for s in rows], dtype=mx.int32)
         own = mx.array(j)
         dists = [None if s.greedy else s.dist for s in rows]
         col, cols, qs = known[:, 0], [known[:, 0]], []
-        for i in range(W):
-            logits = self.model.draft(col[:, None], cache=draft)[:, -1]  # [B, V]
+        for i in range(W if self.model.feeds_last else W - 1):
+            logits = self.model.propose(col[:, None], draft, i)[:, -1]  # [B, V]
             if i == W - 1:
                 break  # the last column is in the draft's cache; its draft is not needed
             picks, q = [], []
@@ -713,7 +719,7 @@ class Engine:
             cols.append(col)
             qs.append(q)
         window = mx.stack(cols, axis=1)  # [B, W]
-        logits = self.model.target(window, cache=main)  # [B, W, V]
+        logits = self.model.verify(window, self._caches)  # [B, W, V]
         best = mx.argmax(logits, axis=-1)
         mx.eval(window, best, *(x for q in qs for x in q))
         ids, best_ids = window.tolist(), best.tolist()

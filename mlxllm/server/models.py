@@ -30,7 +30,8 @@ class Served:
         self.engine = Engine(model, tokenizer.eos_token_ids, **engine_kw)
         self.created = int(time.time())
         self.used = time.monotonic()
-        self.nbytes = sum(v.nbytes for v in _leaves(model.parameters()))
+        # the engine's model: with speculation, the draft model's or MTP layer's weights too
+        self.nbytes = sum(v.nbytes for v in _leaves(self.engine.model.parameters()))
 
     @property
     def held(self) -> int:

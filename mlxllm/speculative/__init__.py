@@ -2,7 +2,13 @@
 smaller model or an MTP layer (``drafters.py``, ``mtp.py``)."""
 
 from mlxllm.speculative.decode import SpecStats, accept, speculative_generate_step
-from mlxllm.speculative.drafters import DraftModel, DraftPair, MTPDrafter, make_drafter
+from mlxllm.speculative.drafters import (
+    DraftModel,
+    DraftPair,
+    MTPDrafter,
+    MTPPair,
+    make_drafter,
+)
 from mlxllm.speculative.mtp import MTPLayer, from_checkpoint, load_head, mtp_layer, save_head
 
 __all__ = [
@@ -10,6 +16,7 @@ __all__ = [
     "DraftPair",
     "MTPDrafter",
     "MTPLayer",
+    "MTPPair",
     "SpecStats",
     "accept",
     "from_checkpoint",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxllm.cache import KVCache
 from mlxllm.speculative.mtp import MTPLayer, new_cache
 
 
@@ -176,7 +177,14 @@ class DraftPair(nn.Module):
     """A model and its draft model as one for the serving engine: ``make_cache`` gives the
     model's layer caches, then the draft's, and a call runs both on the same ids (the draft's
     logits are not computed: nothing reads them), so the engine's batch caches, prefill, prefix
-    store and memory accounting carry the draft's cache along with the model's."""
+    store and memory accounting carry the draft's cache along with the model's.
+
+    A speculative step (``Engine._speculate``): ``propose(col, cache, i)`` for each column ``i``
+    of the window (the draft caches), every column fed (``feeds_last``); then ``verify(window,
+    cache)`` (all caches) runs the model. Afterwards every cache holds the window and the engine
+    trims them alike."""
+
+    feeds_last = True  # the window's last column goes into the draft's cache too
 
     def __init__(self, model, draft):
         super().__init__()
@@ -202,6 +210,77 @@ class DraftPair(nn.Module):
         self.draft.model(ids, cache=theirs)  # the draft's cache only
         return self.target(ids, cache=mine)
 
+    def propose(self, col: mx.array, cache, i: int) -> mx.array:
+        """Next-token logits ``[B, 1, V]`` after column ``col[B, 1]`` (``cache``: the draft's)."""
+        return self.draft(col, cache=cache)
+
+    def verify(self, window: mx.array, cache) -> mx.array:
+        return self.target(window, cache=self.split(cache)[0])
+
     def max_queries(self, offset: int, batch: int = 1):
         limit = getattr(self.target, "max_queries", None)
         return limit(offset, batch) if limit is not None else None
+
+
+def _previous(hidden: KVCache, B: int, D: int) -> mx.array:
+    """``[B, 1, D]``: the hidden state at the position before the next one (zeros at none)."""
+    n = hidden.offset
+    if n == 0:
+        return mx.zeros((B, 1, D))
+    return hidden.state[0][:, 0, n - 1 : n]
+
+
+class MTPPair(DraftPair):
+    """A model and an MTP layer (``mtp.py``) as one for the serving engine, as ``DraftPair``.
+
+    ``make_cache`` gives the model's layer caches, the MTP layer's, and one more ``KVCache``
+    holding the model's final hidden state at every position (as keys, ``[B, 1, n, D]``, with
+    no values), so the engine's batch rows, trims and prefix store carry them like any cache.
+    The MTP entry at position ``j`` pairs token ``j`` with the hidden state at ``j - 1`` (a
+    row's first position: zeros, or its left padding's), which keeps every cache in step: each
+    call writes the same positions in all of them. Drafting chains on the layer's own output
+    from the last hidden state; ``verify`` replaces the drafted entries by ones from the
+    model's hidden states of the window, as ``MTPDrafter.commit`` does for one sequence."""
+
+    feeds_last = False  # the last column's draft is never needed, nor its (replaced) entry
+
+    def __init__(self, model, layer: MTPLayer):
+        nn.Module.__init__(self)
+        self.target, self.layer = model, layer
+        self.n_target = len(model.layers)
+        self._chain, self._drafted = None, 0
+
+    def make_cache(self):
+        return self.target.make_cache() + [new_cache(self.target), KVCache()]
+
+    def _entries(self, ids: mx.array, h: mx.array, mtp, hidden: KVCache) -> None:
+        prev = _previous(hidden, h.shape[0], h.shape[2]).astype(h.dtype)
+        hidden.update_and_fetch(h[:, None], h[:, None, :, :0])
+        pairs = mx.concatenate([prev, h[:, :-1]], axis=1).astype(self.layer.eh_proj.weight.dtype)
+        self.layer(pairs, self.target.model.embed_tokens(ids), cache=mtp)
+
+    def _run(self, ids: mx.array, cache) -> mx.array:
+        main, (mtp, hidden) = self.split(cache)
+        h = self.target.model(ids, cache=main)
+        self._entries(ids, h, mtp, hidden)
+        return self.target.head(h)
+
+    def __call__(self, ids: mx.array, cache=None) -> mx.array:
+        if cache is None:
+            return self.target(ids)
+        return self._run(ids, cache)
+
+    def propose(self, col: mx.array, cache, i: int) -> mx.array:
+        mtp, hidden = cache
+        if i == 0:
+            D = self.target.config.hidden_size
+            self._chain, self._drafted = _previous(hidden, col.shape[0], D), 0
+        e = self.target.model.embed_tokens(col)
+        self._chain = self.layer(self._chain.astype(e.dtype), e, cache=mtp)
+        self._drafted += 1
+        return self.layer.logits(self.target, self._chain)
+
+    def verify(self, window: mx.array, cache) -> mx.array:
+        self.split(cache)[1][0].trim(self._drafted)  # the drafted entries
+        self._drafted = 0
+        return self._run(window, cache)
