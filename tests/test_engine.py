@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -481,6 +482,81 @@ def test_admission_waits_for_memory_and_refuses_what_never_fits(models):
 @pytest.fixture(scope="module")
 def smol():
     return load(fixture_model(SMOL), dtype=mx.float32)
+
+
+def test_tokens_reach_handles_before_a_prefill_chunk_and_first_tokens_are_not_held(models):
+    """Latency of the step order. A row that just joined gets its first token in the step
+    that decodes it (not one step later, behind the next queued call); and while another
+    prompt is prefilled in chunks, every token a step made is already with its handle when
+    the step's prefill chunk starts."""
+    model = models["dense"]
+    engine = Engine(model, memory_budget=BUDGET, prefill_chunk=8, prefix_cache_bytes=0)
+    h = engine.open(Request(_prompt(1, 6), max_tokens=12))
+    assert engine.step() == []  # idle: the prompt is prefilled and joins
+    first = engine.step()  # its first decode call
+    assert [(e.request_id, e.generation_tokens) for e in first] == [(h.id, 1)]
+    seen = []
+    chunk = engine._prefill_chunk
+
+    def spy(group, budget):
+        row = next(s for s in engine.rows if s.id == h.id)
+        seen.append((len(row.generated), len(h._events)))  # generated, delivered
+        return chunk(group, budget)
+
+    engine._prefill_chunk = spy
+    later = engine.open(Request(_prompt(2, 40), max_tokens=3))
+    while engine.busy:
+        engine.step()
+    assert len(seen) >= 4 and all(g == d for g, d in seen)  # nothing held back
+    assert tokens_of(list(h._events)) == _alone(model, _prompt(1, 6), 12)
+    assert tokens_of(list(later._events)) == _alone(model, _prompt(2, 40), 3)
+
+
+def test_an_idle_engine_gathers_a_burst_into_one_prefill(models):
+    """Requests that arrive together at an idle background engine are prefilled as one group:
+    it waits while they keep coming or ``arrivals()`` says more are being prepared (a server
+    counts the requests it is still parsing), up to ``gather`` seconds; a lone request is not
+    held for the whole window. With ``gather=0`` the first request runs alone."""
+    model = models["dense"]
+    prompts = [_prompt(20 + i, 10) for i in range(3)]
+
+    def burst(gather, announce):
+        pending = [len(prompts) if announce else 0]
+        engine = Engine(model, memory_budget=BUDGET, prefix_cache_bytes=0, gather=gather,
+                        arrivals=lambda: pending[0])  # fmt: skip
+        groups, chunk = [], engine._prefill_chunk
+
+        def spy(group, budget):
+            groups.append(len(group.seqs))
+            return chunk(group, budget)
+
+        engine._prefill_chunk = spy
+        engine.start()
+        try:
+            handles = []
+            for i, p in enumerate(prompts):
+                if i:
+                    time.sleep(0.03)  # parsing the next request: longer than a tick
+                handles.append(engine.open(Request(p, max_tokens=4)))
+                pending[0] = max(0, pending[0] - 1)
+            for hd, p in zip(handles, prompts, strict=True):
+                assert tokens_of(list(hd)) == _alone(model, p, 4)
+        finally:
+            engine.stop()
+        return groups
+
+    assert burst(gather=10.0, announce=True)[0] == 3
+    assert burst(gather=0.0, announce=True)[0] == 1
+    # nothing announced and 30 ms between requests: the burst ends at the first quiet tick
+    assert burst(gather=10.0, announce=False)[0] == 1
+    engine = Engine(model, memory_budget=BUDGET, gather=10.0)
+    engine.start()
+    try:
+        t = time.perf_counter()
+        list(engine.open(Request(prompts[0], max_tokens=2)))
+        assert time.perf_counter() - t < 5.0  # not held for the 10 s window
+    finally:
+        engine.stop()
 
 
 def test_handles_in_threads_and_asyncio_with_stop_strings(smol):

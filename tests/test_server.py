@@ -193,6 +193,37 @@ def test_models_health_auth_and_bad_requests(client, server):
     assert not served.engine.busy and not served.engine.rows
 
 
+def test_a_request_being_read_counts_as_arriving(server):
+    """The engine sees a request the server is still reading (``Models.arrive``): an idle
+    engine waits for it so that a burst is prefilled together. The count drops once the
+    request is submitted, and after a bad request too."""
+    url, served = server
+    host, port = url.removeprefix("http://").split(":")
+    count = served.engine.arrivals
+
+    def send(body: bytes) -> bytes:
+        head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer "
+                f"{KEY}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n").encode()  # fmt: skip
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            sock.sendall(head + body[:5])
+            for _ in range(100):  # the route is waiting for the rest of the body
+                if count() == 1:
+                    break
+                time.sleep(0.05)
+            assert count() == 1
+            sock.sendall(body[5:])
+            answer = b""
+            while part := sock.recv(65536):
+                answer += part
+        return answer
+
+    ok = send(json.dumps({"messages": QUESTION, "max_tokens": 2}).encode())
+    assert ok.startswith(b"HTTP/1.1 200") and count() == 0
+    bad = send(b'{"messages": 5, "max_tokens": 2}')
+    assert bad.startswith(b"HTTP/1.1 400") and count() == 0
+
+
 def test_a_client_that_leaves_mid_stream_frees_its_slot(smol):
     """A server whose engine ignores eos (so nothing ends a request early): after the client
     hangs up, only the cancel can end its 2000-token request within the 5 s below."""

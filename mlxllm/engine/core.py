@@ -25,6 +25,7 @@ import dataclasses
 import os
 import secrets
 import threading
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -37,6 +38,7 @@ from mlxllm.generation.sample import repetition_penalty as make_rep_penalty
 from mlxllm.models.base import context_length
 
 FOLLOW_MIN = 64  # shared uncached prompt tokens that make a request wait for another's prefill
+GATHER_TICK = 0.005  # seconds without a new request that end a burst (see ``Engine.gather``)
 
 
 def query_bucket(n: int) -> int:
@@ -284,6 +286,13 @@ class Engine:
             rest masked). The output is the same; what it saves is MLX's per-shape set-up on
             CUDA (~70 ms per new shape for a 7B model: a cuDNN attention graph and more),
             paid on nearly every request at exact shapes. Default: on under CUDA only.
+        gather: when the background thread wakes from idle, the most seconds it waits for
+            the rest of a burst of requests (while they keep arriving, or ``arrivals()`` says
+            more are on their way), so that they are prefilled together and all get their
+            first token after one prefill instead of queueing behind each other's. A lone
+            request waits one tick (``GATHER_TICK``). 0 turns it off.
+        arrivals: a callable giving how many requests are being prepared for ``submit`` by
+            the caller right now (the server counts requests it is still parsing).
     """
 
     def __init__(
@@ -302,6 +311,8 @@ class Engine:
         num_draft: int = 3,
         mtp=None,
         shape_buckets: bool | None = None,
+        gather: float = 0.05,
+        arrivals=None,
     ):
         if shape_buckets is None:
             from mlxllm.kernels import on_cuda
@@ -349,6 +360,7 @@ class Engine:
         self._handles: dict = {}
         self._thread: threading.Thread | None = None
         self._stop = False
+        self.gather, self.arrivals = gather, arrivals
         # MLX streams belong to the thread that made them: weights still lazy (a model just
         # loaded) are evaluated here, in the caller's thread (the engine's thread cannot), and
         # every array of a request is made in the thread that runs the steps
@@ -420,26 +432,34 @@ class Engine:
         pipelined = not any(s.processors for s in self.rows)
         if self.window:
             self._speculate(events)
-            launched = None
-        elif pipelined:
+        elif pipelined and not self._prefilling and all(s.calls for s in self.rows):
             # the next call is queued before this step's tokens are read: the device computes
             # while Python emits; rows whose unread token is their last leave first
             self._retire([s for s in self.rows if self._last_unread(s)], store=True)
             launched = self._decode()
             self._emit(events)
+            self._unread = launched
         else:
-            # logits processors read each row's history: tokens are read before the next call
+            # the tokens of this call are read (and delivered) before the next call: logits
+            # processors read each row's history; a prefill chunk follows, and no stream
+            # should wait for it with a token already computed; a row that just joined gets
+            # its first token without waiting for the next call to be queued (on MLX's CPU
+            # backend, queueing a call waits for much of the one before)
             self._emit(events)
-            launched = self._decode()
-        self._unread = launched
+            self._unread = self._decode()
+            self._emit(events)
+        self._deliver(events)  # before the prefill chunk, which makes no events
         self._prefill_step()
+        return events
+
+    def _deliver(self, events: list[Event]) -> None:
+        """Hand ``events`` to their requests' handles."""
         for ev in events:
             h = self._handles.get(ev.request_id)
             if h is not None:
                 h._push(ev)
                 if ev.finish_reason is not None:
                     self._handles.pop(ev.request_id, None)
-        return events
 
     def _last_unread(self, s: _Seq) -> bool:
         return s.unread > 0 and len(s.generated) + s.unread >= s.req.max_tokens
@@ -875,10 +895,13 @@ class Engine:
         try:
             while True:
                 with self._lock:
+                    idle = not self.busy
                     while not self._stop and not self.busy:
                         self._wake.wait()
                     if self._stop:
                         return
+                    if idle:
+                        self._gather()
                 try:
                     self.step()
                 except Exception as e:  # a failed step ends its requests, never the process
@@ -887,6 +910,22 @@ class Engine:
             # this thread's streams go with it (left over, they abort the process at exit)
             mx.synchronize()
             mx.clear_streams()
+
+    def _gather(self) -> None:
+        """Wait (holding the lock, which ``wait`` releases) while a burst keeps arriving: up to
+        ``gather`` seconds, ending at the first tick in which no request came and none is on
+        its way (see the class doc)."""
+        deadline = time.monotonic() + self.gather
+        n = len(self._waiting)
+        while not self._stop:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.wait(min(GATHER_TICK, left))
+            coming = self.arrivals() if self.arrivals is not None else 0
+            if len(self._waiting) == n and not coming:
+                return
+            n = len(self._waiting)
 
     def _fail_all(self, message: str) -> None:
         seqs = self.rows + self._prefill_seqs() + [s for g in self._prefilling for s in g.followers]

@@ -135,14 +135,15 @@ def make_app(
         return f"data: {json.dumps(obj)}\n\n"
 
     async def chat(request: HttpRequest):
-        try:
-            body = await body_of(request)
-            served = await models.get(body.get("model"))
-            req, stops, info = oa.chat_request(body, served.tokenizer, max_tokens_cap)
-            constrain(served, req, structured.schema_of(body.get("response_format")), info)
-            handle = open_request(served, req, stops)
-        except ApiError as e:
-            return _error(e)
+        with models.arrive():
+            try:
+                body = await body_of(request)
+                served = await models.get(body.get("model"))
+                req, stops, info = oa.chat_request(body, served.tokenizer, max_tokens_cap)
+                constrain(served, req, structured.schema_of(body.get("response_format")), info)
+                handle = open_request(served, req, stops)
+            except ApiError as e:
+                return _error(e)
         rid, model = oa.new_id("chatcmpl"), served.name
         want_lp = req.logprobs is not None
         parser = OutputParser(thinking=info["thinking"], tools=bool(info["tools"]))
@@ -209,14 +210,15 @@ def make_app(
         yield "data: [DONE]\n\n"
 
     async def completions(request: HttpRequest):
-        try:
-            body = await body_of(request)
-            served = await models.get(body.get("model"))
-            req, stops = oa.completion_request(body, served.tokenizer, max_tokens_cap)
-            constrain(served, req, structured.schema_of(body.get("response_format")))
-            handle = open_request(served, req, stops)
-        except ApiError as e:
-            return _error(e)
+        with models.arrive():
+            try:
+                body = await body_of(request)
+                served = await models.get(body.get("model"))
+                req, stops = oa.completion_request(body, served.tokenizer, max_tokens_cap)
+                constrain(served, req, structured.schema_of(body.get("response_format")))
+                handle = open_request(served, req, stops)
+            except ApiError as e:
+                return _error(e)
         rid, model = oa.new_id("cmpl"), served.name
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -265,14 +267,15 @@ def make_app(
             retry = {"Retry-After": "1"} if e.status == 429 else None
             return JSONResponse(an.error_body(e), status_code=e.status, headers=retry)
 
-        try:
-            body = await body_of(request)
-            served = await models.get(body.get("model"))
-            req, stops, info = an.messages_request(body, served.tokenizer, max_tokens_cap)
-            constrain(served, req, info["format"], info)
-            handle = open_request(served, req, stops)
-        except ApiError as e:
-            return fail(e)
+        with models.arrive():
+            try:
+                body = await body_of(request)
+                served = await models.get(body.get("model"))
+                req, stops, info = an.messages_request(body, served.tokenizer, max_tokens_cap)
+                constrain(served, req, info["format"], info)
+                handle = open_request(served, req, stops)
+            except ApiError as e:
+                return fail(e)
         rid, model = an.message_id(), served.name
         parser = OutputParser(thinking=info["thinking"], tools=bool(info["tools"]))
         if body.get("stream"):

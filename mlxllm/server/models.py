@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import time
 from pathlib import Path
 
@@ -101,13 +102,29 @@ class Models:
         self.memory_limit = memory_limit if memory_limit is not None else default_budget()
         self.dtype, self.engine_kw = dtype, engine_kw
         self.loaded: dict[str, Served] = {}
+        # requests the routes are still reading and tokenizing (``arrive``): an idle engine
+        # waits for them, so that a burst is prefilled together (``Engine.gather``)
+        self.arriving = 0
         if default is not None:
             self.loaded[default.name] = default
+            default.engine.arrivals = self._arrivals
         self._lock = asyncio.Lock()
         # every load in one thread: MLX streams belong to a thread, and a load whose arrays
         # were partly made in another worker thread failed ("no Stream(cpu, 0) in current
         # thread")
         self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mlxllm-load")
+
+    def _arrivals(self) -> int:
+        return self.arriving
+
+    @contextlib.contextmanager
+    def arrive(self):
+        """Around a route's reading of a request up to its submission (event loop only)."""
+        self.arriving += 1
+        try:
+            yield
+        finally:
+            self.arriving -= 1
 
     async def get(self, name) -> Served:
         if name is not None and not isinstance(name, str):
@@ -141,7 +158,7 @@ class Models:
             from mlxllm.loader import load
 
             model, tok = load(path, dtype=self.dtype)
-            served = Served(name, model, tok, **self.engine_kw)
+            served = Served(name, model, tok, arrivals=self._arrivals, **self.engine_kw)
             served.engine.start()
             return served
 
