@@ -494,6 +494,10 @@ def serve(
         None, "--api-key", envvar="MLXLLM_API_KEY", help="Require this key on every route."
     ),
     max_batch: int = typer.Option(32, "--max-batch", help="Most requests decoding at once."),
+    gather_ms: float = typer.Option(
+        50.0, "--gather-ms", help="Most milliseconds an idle model waits for the rest of a burst "
+        "of requests, to prefill them together (0: off)."
+    ),
     request_timeout: float = typer.Option(
         600.0, "--request-timeout", help="Seconds a request may run before it is cancelled."
     ),
@@ -517,6 +521,9 @@ def serve(
             _fail(f"--request-timeout {request_timeout}: use a number of seconds > 0")
         if keep_alive < 0:
             _fail(f"--keep-alive {keep_alive}: use a number of seconds >= 0")
+        if not 0 <= gather_ms <= 10_000:
+            _fail(f"--gather-ms {gather_ms}: use 0 (off) to 10000 milliseconds")
+        engine_kw = {"max_batch": max_batch, "gather": gather_ms / 1000}
         import uvicorn
 
         from mlxllm.server.app import make_app
@@ -535,14 +542,14 @@ def serve(
                     spec = {"draft": drafter.model, "num_draft": num_draft}
                 else:
                     spec = {"mtp": drafter.layer, "num_draft": num_draft}
-            default = Served(model, m, tok, max_batch=max_batch, **spec)
+            default = Served(model, m, tok, **engine_kw, **spec)
         elif adapter or draft_model or mtp_head or mtp:
             _fail("--adapter, --draft-model, --mtp and --mtp-head need MODEL (the model they go "
                   "with)")  # fmt: skip
         import mlx.core as mx
 
         compute = getattr(mx, dtype) if dtype else None
-        models = Models(default, keep_alive=keep_alive, dtype=compute, max_batch=max_batch)
+        models = Models(default, keep_alive=keep_alive, dtype=compute, **engine_kw)
         app_ = make_app(models, api_key=api_key, request_timeout=request_timeout)
         uvicorn.run(app_, host=host, port=port, log_level="info")
 

@@ -145,5 +145,8 @@ def test_serve_options_are_checked_before_a_model_loads(tmp_path):
     assert res.exit_code == 0 and "--api-key" in res.stdout and "127.0.0.1" in res.stdout
     line = _one_error_line(runner.invoke(app, ["serve", str(tmp_path / "none"), "--port", "0"]))
     assert "--port 0" in line
+    line = _one_error_line(runner.invoke(app, ["serve", str(tmp_path / "none"),
+                                               "--gather-ms", "-1"]))  # fmt: skip
+    assert "--gather-ms -1" in line
     line = _one_error_line(runner.invoke(app, ["serve", str(tmp_path / "none")]))
     assert "none" in line  # a missing model: one line, no traceback

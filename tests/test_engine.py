@@ -80,16 +80,19 @@ def _run(engine, requests, joins=(), until=None):
     return [events[i] for i in ids]
 
 
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "in-step"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_batched_greedy_equals_alone(models, family):
+def test_batched_greedy_equals_alone(models, family, pipeline):
     """Concurrent prompts of different lengths, some leaving early, one joining mid-stream
     while another prefills in chunks, several prefilled together (left-padded, in chunks of
-    positions while others decode): every request's tokens equal its prompt run alone."""
+    positions while others decode): every request's tokens equal its prompt run alone, with
+    decode calls pipelined (a GPU's default) or read in their step (the CPU's)."""
     model = models[family]
     specs = [(5, 24), (17, 6), (30, 24), (25, 3), (1, 12), (9, 10)]
     prompts = [_prompt(i, n) for i, (n, _) in enumerate(specs)]
     late = [_prompt(99, 33), _prompt(98, 30)]
-    engine = Engine(model, memory_budget=BUDGET, prefill_chunk=8, prefix_cache_bytes=0)
+    engine = Engine(model, memory_budget=BUDGET, prefill_chunk=8, prefix_cache_bytes=0,
+                    pipeline=pipeline)  # fmt: skip
     groups, chunk = [], engine._prefill_chunk
 
     def spy(group, budget):
@@ -485,12 +488,14 @@ def smol():
 
 
 def test_tokens_reach_handles_before_a_prefill_chunk_and_first_tokens_are_not_held(models):
-    """Latency of the step order. A row that just joined gets its first token in the step
-    that decodes it (not one step later, behind the next queued call); and while another
+    """Latency of the step order, pipelined (as on a GPU). A row that just joined gets its
+    first token in the step that decodes it (not one step later, behind the next queued
+    call); and while another
     prompt is prefilled in chunks, every token a step made is already with its handle when
     the step's prefill chunk starts."""
     model = models["dense"]
-    engine = Engine(model, memory_budget=BUDGET, prefill_chunk=8, prefix_cache_bytes=0)
+    engine = Engine(model, memory_budget=BUDGET, prefill_chunk=8, prefix_cache_bytes=0,
+                    pipeline=True)  # fmt: skip
     h = engine.open(Request(_prompt(1, 6), max_tokens=12))
     assert engine.step() == []  # idle: the prompt is prefilled and joins
     first = engine.step()  # its first decode call
