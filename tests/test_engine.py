@@ -490,9 +490,8 @@ def smol():
 def test_tokens_reach_handles_before_a_prefill_chunk_and_first_tokens_are_not_held(models):
     """Latency of the step order, pipelined (as on a GPU). A row that just joined gets its
     first token in the step that decodes it (not one step later, behind the next queued
-    call); and while another
-    prompt is prefilled in chunks, every token a step made is already with its handle when
-    the step's prefill chunk starts."""
+    call); and while another prompt is prefilled in chunks, every token a step made is
+    already with its handle when the step's prefill chunk starts."""
     model = models["dense"]
     engine = Engine(model, memory_budget=BUDGET, prefill_chunk=8, prefix_cache_bytes=0,
                     pipeline=True)  # fmt: skip

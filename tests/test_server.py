@@ -571,6 +571,8 @@ def test_models_load_on_first_use_and_go_when_idle():
             assert got.model == name and got.choices[0].message.content
         loaded = [m.id for m in client.models.list().data if m.model_extra["loaded"]]
         assert sorted(loaded) == sorted([smol, qwen])
+        # models loaded on first use see the requests being read too (an idle engine waits)
+        assert [m.engine.arrivals() for m in models.loaded.values()] == [0, 0]
         models.keep_alive = 0.5  # idle from now on: both go at the next check (<= 5 s)
         for _ in range(150):
             if not models.loaded:

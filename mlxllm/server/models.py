@@ -106,16 +106,16 @@ class Models:
         # waits for them, so that a burst is prefilled together (``Engine.gather``)
         self.arriving = 0
         if default is not None:
-            self.loaded[default.name] = default
-            default.engine.arrivals = self._arrivals
+            self._hold(default)
         self._lock = asyncio.Lock()
         # every load in one thread: MLX streams belong to a thread, and a load whose arrays
         # were partly made in another worker thread failed ("no Stream(cpu, 0) in current
         # thread")
         self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mlxllm-load")
 
-    def _arrivals(self) -> int:
-        return self.arriving
+    def _hold(self, served: Served) -> None:
+        self.loaded[served.name] = served
+        served.engine.arrivals = lambda: self.arriving
 
     @contextlib.contextmanager
     def arrive(self):
@@ -158,7 +158,7 @@ class Models:
             from mlxllm.loader import load
 
             model, tok = load(path, dtype=self.dtype)
-            served = Served(name, model, tok, arrivals=self._arrivals, **self.engine_kw)
+            served = Served(name, model, tok, **self.engine_kw)
             served.engine.start()
             return served
 
@@ -166,7 +166,7 @@ class Models:
             served = await loop.run_in_executor(self._loader, build)
         except (MlxllmError, OSError, ValueError) as e:
             raise ApiError(400, f"model {name!r} failed to load: {e}", "model") from None
-        self.loaded[name] = served
+        self._hold(served)
         return served
 
     def _make_room(self, need: int) -> None:
